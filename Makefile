@@ -1,0 +1,45 @@
+# Every target does its own set-up: virtual environment, dependencies, generated stubs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.deps-installed
+STUBS  := service/rpc/generated/.stamp
+PROTOS := $(shell find protos -name '*.proto')
+
+.PHONY: run demo test lint typecheck unit proto clean
+
+$(DEPS): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(STUBS): $(DEPS) $(PROTOS) scripts/gen_stubs.py
+	$(BIN)/python scripts/gen_stubs.py
+
+## proto: regenerate the Python stubs from protos/
+proto: $(STUBS)
+
+## run: start the service (against the built-in Brevo sandbox when BREVO_API_KEY is unset)
+run: $(STUBS)
+	$(BIN)/python -m service $(ARGS)
+
+## demo: drive one whole conversation through the sandbox from a gRPC client
+demo: $(STUBS)
+	$(BIN)/python -m service.demo
+
+## test: lint, type-check and run every test
+test: lint typecheck unit
+
+lint: $(STUBS)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STUBS)
+	$(BIN)/mypy
+
+unit: $(STUBS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) service/rpc/generated .mypy_cache .ruff_cache .pytest_cache
