@@ -1,0 +1,1 @@
+"""The HTTP gateway: Brevo's webhooks in, handed to the core."""

@@ -1,0 +1,1 @@
+"""Bot-to-human handoff service: gRPC API, Brevo relay, webhook-fed reply streams."""

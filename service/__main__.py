@@ -1,0 +1,59 @@
+"""``python -m service``: run the handoff service until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from service.app import StartupError, start_service
+from service.config import Config, ConfigError, load_config
+from service.logs import configure_logging
+
+log = logging.getLogger("service")
+
+SHUTDOWN_GRACE_S = 10.0
+
+
+async def serve(config: Config) -> None:
+    running = await start_service(config)
+    if running.sandbox_http is not None:
+        log.warning(
+            "BREVO_API_KEY is not set: this service talks to the built-in Brevo SANDBOX at %s, "
+            "not to Brevo. Its simulated agent 'Sam' answers every handoff.",
+            running.sandbox_http.base_url,
+        )
+    log.info(
+        "serving gRPC on %s:%d and Brevo webhooks on http://%s:%d/webhooks/brevo/<token>",
+        config.host,
+        running.grpc_port,
+        config.host,
+        running.http_port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.0f s)", SHUTDOWN_GRACE_S)
+    await running.stop(SHUTDOWN_GRACE_S)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.secrets)
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

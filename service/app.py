@@ -1,0 +1,175 @@
+"""The composition root: builds the store, the Brevo client, the core, and both servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+import grpc
+
+from gateway.app import create_gateway
+from service.brevo.client import AgentIdentity, BrevoClient, RetryPolicy
+from service.brevo.sandbox import BrevoSandbox
+from service.config import Config
+from service.core import errors
+from service.core.handoffs import HandoffManager, HandoffSettings
+from service.core.inbound import ServiceIdentity
+from service.http_server import RunningHttpServer, start_http_server
+from service.rpc.server import create_server
+from service.storage.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The service cannot start; the message is one line saying what to fix."""
+
+
+@dataclass
+class RunningService:
+    config: Config
+    manager: HandoffManager
+    store: SqliteStore
+    brevo: BrevoClient
+    grpc_server: grpc.aio.Server
+    grpc_port: int
+    http: RunningHttpServer
+    sandbox: BrevoSandbox | None = None
+    sandbox_http: RunningHttpServer | None = None
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def webhook_url(self) -> str:
+        return (
+            f"http://127.0.0.1:{self.http.port}/webhooks/brevo/{self.config.webhook_token.reveal()}"
+        )
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stops taking webhooks and calls, lets running calls finish within ``grace_s``."""
+        await self.http.stop(grace_s)
+        await self.grpc_server.stop(grace_s)
+        for task in self.background:
+            task.cancel()
+        for task in self.background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.store.close()
+        await self.brevo.aclose()
+        if self.sandbox is not None:
+            await self.sandbox.aclose()
+        if self.sandbox_http is not None:
+            await self.sandbox_http.stop(grace_s)
+
+
+async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> RunningService:
+    """Starts everything ``config`` describes and returns once both servers accept traffic."""
+    sandbox: BrevoSandbox | None = None
+    sandbox_http: RunningHttpServer | None = None
+    api_key = config.brevo_api_key.reveal()
+    base_url = config.brevo_base_url
+    if config.use_sandbox:
+        api_key = f"sandbox-{secrets.token_hex(8)}"
+        sandbox = BrevoSandbox(
+            api_key=api_key,
+            auto_agent=config.sandbox_agent,
+            agent_reply_delay_s=config.sandbox_agent_delay_s,
+            user_prefix=config.user_prefix,
+        )
+        sandbox_http = await start_http_server(sandbox.app, "127.0.0.1", config.sandbox_port)
+        base_url = f"{sandbox_http.base_url}/v3"
+
+    brevo = BrevoClient(
+        base_url,
+        api_key,
+        AgentIdentity(
+            agent_id=config.brevo_agent_id,
+            agent_email=config.brevo_agent_email,
+            agent_name=config.brevo_agent_name,
+            received_from=config.brevo_received_from,
+        ),
+        timeout_s=config.brevo_timeout_s,
+        retry=retry or RetryPolicy(max_attempts=config.brevo_max_attempts),
+    )
+    store: SqliteStore | None = None
+    try:
+        try:
+            account = await brevo.check_account()
+            log.info("Brevo API key accepted: %s", account)
+        except errors.BrevoAuthRejected as exc:
+            raise StartupError(str(exc)) from None
+        except errors.BrevoUnavailable as exc:
+            log.warning("Brevo could not be reached at start-up; continuing: %s", exc)
+        try:
+            store = await SqliteStore.open(config.sqlite_path, config.sqlite_synchronous)
+        except errors.StoreUnavailable as exc:
+            raise StartupError(
+                f"cannot open HANDOFF_SQLITE_PATH={config.sqlite_path}: {exc}"
+            ) from None
+        manager = HandoffManager(
+            store,
+            brevo,
+            HandoffSettings(
+                identity=ServiceIdentity(config.brevo_agent_id, config.brevo_received_from),
+                user_prefix=config.user_prefix,
+                closing_notice=config.closing_notice,
+                timeout_notice=config.timeout_notice,
+                agent_timeout_s=config.agent_timeout_s,
+                opening_max_chars=config.opening_max_chars,
+                heartbeat_s=config.heartbeat_s,
+                stream_buffer=config.stream_buffer,
+            ),
+        )
+        try:
+            grpc_server, grpc_port = await create_server(manager, config.host, config.grpc_port)
+        except (OSError, RuntimeError) as exc:
+            raise StartupError(
+                f"cannot listen for gRPC on port {config.grpc_port}: {exc}"
+            ) from None
+        try:
+            http = await start_http_server(
+                create_gateway(manager, config.webhook_token.reveal(), config.webhook_max_bytes),
+                config.host,
+                config.http_port,
+            )
+        except OSError as exc:
+            await grpc_server.stop(0)
+            raise StartupError(
+                f"cannot listen for webhooks on port {config.http_port}: {exc}"
+            ) from None
+    except BaseException:
+        if store is not None:
+            await store.close()
+        await brevo.aclose()
+        if sandbox is not None:
+            await sandbox.aclose()
+        if sandbox_http is not None:
+            await sandbox_http.stop(1)
+        raise
+    running = RunningService(
+        config=config,
+        manager=manager,
+        store=store,
+        brevo=brevo,
+        grpc_server=grpc_server,
+        grpc_port=grpc_port,
+        http=http,
+        sandbox=sandbox,
+        sandbox_http=sandbox_http,
+    )
+    if sandbox is not None:
+        sandbox.set_webhook_url(running.webhook_url)
+    if config.agent_timeout_s > 0:
+        interval = min(max(config.agent_timeout_s / 10, 0.05), 5.0)
+        running.background.append(asyncio.create_task(manager.run_timeouts(interval)))
+    return running

@@ -1,0 +1,320 @@
+"""Configuration from environment variables, each overridable by a command-line flag.
+
+Every setting is documented in the README's configuration table; ``SETTINGS`` below is
+the single list both the parser and that table come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+DEFAULT_BREVO_URL = "https://api.brevo.com/v3"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names it."""
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or an f-string by accident."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and secrets.compare_digest(
+            self._value.encode(), other._value.encode()
+        )
+
+    def __hash__(self) -> int:
+        return hash(("Secret", len(self._value)))
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    flag: str
+    default: str | None
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "BREVO_API_KEY",
+        "--brevo-api-key",
+        None,
+        "Brevo API key (xkeysib-...). Unset: run against the built-in Brevo sandbox.",
+    ),
+    Setting("BREVO_BASE_URL", "--brevo-base-url", DEFAULT_BREVO_URL, "Brevo REST base URL."),
+    Setting(
+        "BREVO_AGENT_ID",
+        "--brevo-agent-id",
+        "",
+        "Brevo agent id the service posts as (required with an API key, unless "
+        "BREVO_AGENT_EMAIL and BREVO_AGENT_NAME are set).",
+    ),
+    Setting(
+        "BREVO_AGENT_EMAIL",
+        "--brevo-agent-email",
+        "",
+        "Post as this agent email instead of an agent id (with BREVO_AGENT_NAME).",
+    ),
+    Setting(
+        "BREVO_AGENT_NAME", "--brevo-agent-name", "", "Agent name to go with BREVO_AGENT_EMAIL."
+    ),
+    Setting(
+        "BREVO_RECEIVED_FROM",
+        "--brevo-received-from",
+        "handoff-service",
+        "receivedFrom tag sent with every post; also used to recognise echoes.",
+    ),
+    Setting("BREVO_TIMEOUT_SECONDS", "--brevo-timeout-seconds", "10", "Timeout of one Brevo call."),
+    Setting(
+        "BREVO_MAX_ATTEMPTS",
+        "--brevo-max-attempts",
+        "4",
+        "Attempts per Brevo call on 429, 5xx and connection errors.",
+    ),
+    Setting(
+        "WEBHOOK_TOKEN",
+        "--webhook-token",
+        None,
+        "Secret path token of the webhook URL /webhooks/brevo/<token> (required with an "
+        "API key; at least 16 characters). The sandbox makes one up when unset.",
+    ),
+    Setting(
+        "WEBHOOK_MAX_BYTES",
+        "--webhook-max-bytes",
+        str(1024 * 1024),
+        "Largest webhook body accepted (413 above).",
+    ),
+    Setting("HANDOFF_HOST", "--host", "0.0.0.0", "Address both servers listen on."),  # noqa: S104
+    Setting("HANDOFF_GRPC_PORT", "--grpc-port", "50051", "gRPC port (0 picks a free one)."),
+    Setting(
+        "HANDOFF_HTTP_PORT", "--http-port", "8080", "Webhook gateway port (0 picks a free one)."
+    ),
+    Setting("HANDOFF_SQLITE_PATH", "--sqlite-path", "data/handoff.db", "SQLite file of the store."),
+    Setting(
+        "HANDOFF_SQLITE_SYNCHRONOUS",
+        "--sqlite-synchronous",
+        "NORMAL",
+        "SQLite synchronous mode: NORMAL survives a process crash; FULL also a power cut.",
+    ),
+    Setting(
+        "HANDOFF_USER_PREFIX",
+        "--user-prefix",
+        "Botpress User: ",
+        "Prefix of the end user's messages as the agent sees them.",
+    ),
+    Setting(
+        "HANDOFF_CLOSING_NOTICE",
+        "--closing-notice",
+        "The bot has ended this conversation; the user is no longer connected.",
+        "Posted to the agent by StopHandoff.",
+    ),
+    Setting(
+        "HANDOFF_AGENT_TIMEOUT_SECONDS",
+        "--agent-timeout-seconds",
+        "0",
+        "End a handoff no agent answered within this many seconds (0: never).",
+    ),
+    Setting(
+        "HANDOFF_TIMEOUT_NOTICE",
+        "--timeout-notice",
+        "No agent answered in time: the user was told and is back with the bot. "
+        "Messages written here now will not reach them.",
+        "Posted to the agent when a handoff times out.",
+    ),
+    Setting(
+        "HANDOFF_OPENING_MAX_CHARS",
+        "--opening-max-chars",
+        "4000",
+        "Longest single part of the opening message; longer ones are split.",
+    ),
+    Setting(
+        "HANDOFF_HEARTBEAT_SECONDS",
+        "--heartbeat-seconds",
+        "15",
+        "Heartbeat interval on idle reply streams.",
+    ),
+    Setting(
+        "HANDOFF_STREAM_BUFFER",
+        "--stream-buffer",
+        "1000",
+        "Events buffered per stream before a slow reader is cut off (RESOURCE_EXHAUSTED).",
+    ),
+    Setting("HANDOFF_LOG_LEVEL", "--log-level", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+    Setting(
+        "SANDBOX_PORT",
+        "--sandbox-port",
+        "8090",
+        "Port of the built-in Brevo sandbox (only without BREVO_API_KEY; 0 picks one).",
+    ),
+    Setting(
+        "SANDBOX_AGENT",
+        "--sandbox-agent",
+        "on",
+        "on: the sandbox's simulated agent answers every handoff; off: only what you drive.",
+    ),
+    Setting(
+        "SANDBOX_AGENT_DELAY_SECONDS",
+        "--sandbox-agent-delay-seconds",
+        "1.0",
+        "How long the sandbox's simulated agent takes to answer.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    brevo_api_key: Secret
+    brevo_base_url: str
+    brevo_agent_id: str
+    brevo_agent_email: str
+    brevo_agent_name: str
+    brevo_received_from: str
+    brevo_timeout_s: float
+    brevo_max_attempts: int
+    webhook_token: Secret
+    webhook_max_bytes: int
+    host: str
+    grpc_port: int
+    http_port: int
+    sqlite_path: str
+    sqlite_synchronous: str
+    user_prefix: str
+    closing_notice: str
+    agent_timeout_s: float
+    timeout_notice: str
+    opening_max_chars: int
+    heartbeat_s: float
+    stream_buffer: int
+    log_level: str
+    sandbox_port: int
+    sandbox_agent: bool
+    sandbox_agent_delay_s: float
+
+    @property
+    def use_sandbox(self) -> bool:
+        return not self.brevo_api_key
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never appear in a log line."""
+        return tuple(s.reveal() for s in (self.brevo_api_key, self.webhook_token) if s)
+
+
+def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Config:
+    """Reads the environment, then the flags in ``argv`` (flags win). Raises ConfigError."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Bot-to-human handoff service (gRPC + Brevo webhook gateway).",
+    )
+    for s in SETTINGS:
+        parser.add_argument(s.flag, dest=s.env, metavar=s.env, help=f"{s.help} [env {s.env}]")
+    args = vars(parser.parse_args(list(argv)))
+    raw: dict[str, str | None] = {}
+    for s in SETTINGS:
+        value = args.get(s.env)
+        if value is None:
+            value = env.get(s.env)
+        raw[s.env] = value if value is not None else s.default
+
+    def text(name: str) -> str:
+        return raw[name] or ""
+
+    def number(name: str, kind: type[int] | type[float], low: float, high: float) -> float:
+        value = text(name)
+        try:
+            parsed = kind(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a {kind.__name__}") from None
+        if not low <= parsed <= high:
+            raise ConfigError(f"{name}={value} is out of range [{low}, {high}]")
+        return parsed
+
+    api_key = text("BREVO_API_KEY").strip()
+    token = text("WEBHOOK_TOKEN").strip()
+    agent_id = text("BREVO_AGENT_ID").strip()
+    agent_email = text("BREVO_AGENT_EMAIL").strip()
+    agent_name = text("BREVO_AGENT_NAME").strip()
+    if api_key:
+        if not token:
+            raise ConfigError(
+                "WEBHOOK_TOKEN is required with BREVO_API_KEY: choose a long random string "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
+        if not agent_id and not (agent_email and agent_name):
+            raise ConfigError(
+                "BREVO_AGENT_ID is required with BREVO_API_KEY (or both BREVO_AGENT_EMAIL "
+                "and BREVO_AGENT_NAME): the Brevo agent the service posts as"
+            )
+    elif not token:
+        token = secrets.token_urlsafe(24)
+    if token and len(token) < 16:
+        raise ConfigError(
+            "WEBHOOK_TOKEN must be at least 16 characters: it is the only secret "
+            "protecting the webhook URL"
+        )
+    if not token.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(
+            "WEBHOOK_TOKEN may hold only letters, digits, '-' and '_' (it is part of a URL path)"
+        )
+    synchronous = text("HANDOFF_SQLITE_SYNCHRONOUS").upper()
+    if synchronous not in ("NORMAL", "FULL", "EXTRA"):
+        raise ConfigError("HANDOFF_SQLITE_SYNCHRONOUS must be NORMAL, FULL or EXTRA")
+    level = text("HANDOFF_LOG_LEVEL").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("HANDOFF_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    sandbox_agent = text("SANDBOX_AGENT").lower()
+    if sandbox_agent not in ("on", "off"):
+        raise ConfigError("SANDBOX_AGENT must be on or off")
+    base_url = text("BREVO_BASE_URL").rstrip("/")
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"BREVO_BASE_URL={base_url!r} must start with http:// or https://")
+    return Config(
+        brevo_api_key=Secret(api_key),
+        brevo_base_url=base_url,
+        brevo_agent_id=agent_id if api_key else (agent_id or "SandboxServiceAgent"),
+        brevo_agent_email=agent_email,
+        brevo_agent_name=agent_name,
+        brevo_received_from=text("BREVO_RECEIVED_FROM") or "handoff-service",
+        brevo_timeout_s=number("BREVO_TIMEOUT_SECONDS", float, 0.1, 300),
+        brevo_max_attempts=int(number("BREVO_MAX_ATTEMPTS", int, 1, 20)),
+        webhook_token=Secret(token),
+        webhook_max_bytes=int(number("WEBHOOK_MAX_BYTES", int, 1024, 64 * 1024 * 1024)),
+        host=text("HANDOFF_HOST"),
+        grpc_port=int(number("HANDOFF_GRPC_PORT", int, 0, 65535)),
+        http_port=int(number("HANDOFF_HTTP_PORT", int, 0, 65535)),
+        sqlite_path=text("HANDOFF_SQLITE_PATH"),
+        sqlite_synchronous=synchronous,
+        user_prefix=raw["HANDOFF_USER_PREFIX"] or "",
+        closing_notice=text("HANDOFF_CLOSING_NOTICE"),
+        agent_timeout_s=number("HANDOFF_AGENT_TIMEOUT_SECONDS", float, 0, 7 * 24 * 3600),
+        timeout_notice=text("HANDOFF_TIMEOUT_NOTICE"),
+        opening_max_chars=int(number("HANDOFF_OPENING_MAX_CHARS", int, 200, 100_000)),
+        heartbeat_s=number("HANDOFF_HEARTBEAT_SECONDS", float, 0.05, 3600),
+        stream_buffer=int(number("HANDOFF_STREAM_BUFFER", int, 1, 1_000_000)),
+        log_level=level,
+        sandbox_port=int(number("SANDBOX_PORT", int, 0, 65535)),
+        sandbox_agent=sandbox_agent == "on",
+        sandbox_agent_delay_s=number("SANDBOX_AGENT_DELAY_SECONDS", float, 0, 600),
+    )

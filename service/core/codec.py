@@ -1,0 +1,161 @@
+"""JSON forms of handoffs and event payloads, shared by every storage backend."""
+
+from __future__ import annotations
+
+import json
+
+from service.core.models import (
+    Agent,
+    AgentJoined,
+    AgentMessage,
+    Attachment,
+    AttachmentKind,
+    EndReason,
+    EventPayload,
+    Handoff,
+    HandoffEnded,
+    HandoffState,
+    NoAgentAvailable,
+)
+
+JsonObject = dict[str, object]
+
+
+def _agent_json(agent: Agent) -> JsonObject:
+    return {"id": agent.id, "name": agent.name, "picture_url": agent.picture_url}
+
+
+def _agent(raw: object) -> Agent:
+    obj = _obj(raw)
+    return Agent(id=_s(obj, "id"), name=_s(obj, "name"), picture_url=_s(obj, "picture_url"))
+
+
+def _attachment_json(a: Attachment) -> JsonObject:
+    return {
+        "url": a.url,
+        "name": a.name,
+        "mime_type": a.mime_type,
+        "kind": a.kind.value,
+        "size_bytes": a.size_bytes,
+        "width": a.width,
+        "height": a.height,
+        "preview_url": a.preview_url,
+    }
+
+
+def _attachment(raw: object) -> Attachment:
+    obj = _obj(raw)
+    return Attachment(
+        url=_s(obj, "url"),
+        name=_s(obj, "name"),
+        mime_type=_s(obj, "mime_type"),
+        kind=AttachmentKind(_s(obj, "kind") or AttachmentKind.FILE.value),
+        size_bytes=_i(obj, "size_bytes"),
+        width=_i(obj, "width"),
+        height=_i(obj, "height"),
+        preview_url=_s(obj, "preview_url"),
+    )
+
+
+def handoff_to_json(h: Handoff) -> str:
+    return json.dumps(
+        {
+            "id": h.id,
+            "conversation_id": h.conversation_id,
+            "visitor_id": h.visitor_id,
+            "state": h.state.value,
+            "created_at_ms": h.created_at_ms,
+            "updated_at_ms": h.updated_at_ms,
+            "version": h.version,
+            "end_reason": h.end_reason.value if h.end_reason else None,
+            "brevo_conversation_id": h.brevo_conversation_id,
+            "agents": [_agent_json(a) for a in h.agents],
+            "metadata": h.metadata,
+            "no_agent_available": h.no_agent_available,
+            "opening_parts": list(h.opening_parts),
+            "opening_posted": h.opening_posted,
+        },
+        separators=(",", ":"),
+    )
+
+
+def handoff_from_json(text: str) -> Handoff:
+    obj = _obj(json.loads(text))
+    end = obj.get("end_reason")
+    metadata = _obj(obj.get("metadata"))
+    parts = obj.get("opening_parts")
+    agents = obj.get("agents")
+    return Handoff(
+        id=_s(obj, "id"),
+        conversation_id=_s(obj, "conversation_id"),
+        visitor_id=_s(obj, "visitor_id"),
+        state=HandoffState(_s(obj, "state")),
+        created_at_ms=_i(obj, "created_at_ms"),
+        updated_at_ms=_i(obj, "updated_at_ms"),
+        version=_i(obj, "version"),
+        end_reason=EndReason(end) if isinstance(end, str) else None,
+        brevo_conversation_id=_s(obj, "brevo_conversation_id"),
+        agents=tuple(_agent(a) for a in agents) if isinstance(agents, list) else (),
+        metadata={str(k): str(v) for k, v in metadata.items()},
+        no_agent_available=obj.get("no_agent_available") is True,
+        opening_parts=tuple(str(p) for p in parts) if isinstance(parts, list) else (),
+        opening_posted=_i(obj, "opening_posted"),
+    )
+
+
+def payload_to_json(payload: EventPayload) -> str:
+    body: JsonObject
+    match payload:
+        case AgentMessage():
+            body = {
+                "type": "agent_message",
+                "brevo_message_id": payload.brevo_message_id,
+                "agent": _agent_json(payload.agent),
+                "text": payload.text,
+                "html": payload.html,
+                "attachments": [_attachment_json(a) for a in payload.attachments],
+            }
+        case AgentJoined():
+            body = {"type": "agent_joined", "agent": _agent_json(payload.agent)}
+        case NoAgentAvailable():
+            body = {"type": "no_agent_available"}
+        case HandoffEnded():
+            body = {"type": "handoff_ended", "reason": payload.reason.value}
+    return json.dumps(body, separators=(",", ":"))
+
+
+def payload_from_json(text: str) -> EventPayload:
+    obj = _obj(json.loads(text))
+    kind = obj.get("type")
+    if kind == "agent_message":
+        attachments = obj.get("attachments")
+        return AgentMessage(
+            brevo_message_id=_s(obj, "brevo_message_id"),
+            agent=_agent(obj.get("agent")),
+            text=_s(obj, "text"),
+            html=_s(obj, "html"),
+            attachments=tuple(_attachment(a) for a in attachments)
+            if isinstance(attachments, list)
+            else (),
+        )
+    if kind == "agent_joined":
+        return AgentJoined(_agent(obj.get("agent")))
+    if kind == "no_agent_available":
+        return NoAgentAvailable()
+    if kind == "handoff_ended":
+        return HandoffEnded(EndReason(_s(obj, "reason")))
+    raise ValueError(f"unknown stored event type {kind!r}")
+
+
+def _obj(raw: object) -> dict[str, object]:
+    return {str(k): v for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+def _s(obj: dict[str, object], key: str) -> str:
+    value = obj.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _i(obj: dict[str, object], key: str) -> int:
+    value = obj.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

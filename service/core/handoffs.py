@@ -1,0 +1,482 @@
+"""The handoff manager: every use case of the service, over the store and Brevo ports."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from service.core import errors
+from service.core.brevo_payloads import KNOWN_EVENTS, WebhookEvent, parse_webhook
+from service.core.fanout import EventHub
+from service.core.inbound import ServiceIdentity, plan_inbound
+from service.core.locks import KeyedLocks
+from service.core.models import (
+    AgentMessage,
+    Attachment,
+    Commit,
+    EndReason,
+    Handoff,
+    HandoffEnded,
+    HandoffState,
+    Heartbeat,
+    HistoryTurn,
+    NewEvent,
+    StoredEvent,
+    User,
+    decode_cursor,
+)
+from service.core.outbound import opening_parts, user_message_text
+from service.core.ports import BrevoApi, HandoffStore
+
+log = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 200
+MAX_ATTACHMENTS = 20
+MAX_URL_CHARS = 2048
+MAX_MAP_ENTRIES = 64
+MAX_HISTORY_TURNS = 500
+COMMIT_ATTEMPTS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffSettings:
+    identity: ServiceIdentity
+    user_prefix: str = "Botpress User: "
+    closing_notice: str = "The bot has ended this conversation; the user is no longer connected."
+    timeout_notice: str = (
+        "No agent answered in time: the user was told and is back with the bot. "
+        "Messages written here now will not reach them."
+    )
+    agent_timeout_s: float = 0.0  # 0 = off
+    opening_max_chars: int = 4000
+    max_text_chars: int = 10_000
+    stream_buffer: int = 1000
+    replay_page: int = 500
+    heartbeat_s: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    conversation_id: str
+    user: User = field(default_factory=User)
+    title: str = ""
+    description: str = ""
+    history: tuple[HistoryTurn, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    brevo_message_id: str
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookOutcome:
+    """What the gateway answers Brevo: ``outcome`` is stored, duplicate, ignored or unknown."""
+
+    outcome: str
+    events: int = 0
+    handoff_id: str = ""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class HandoffManager:
+    def __init__(
+        self,
+        store: HandoffStore,
+        brevo: BrevoApi,
+        settings: HandoffSettings,
+        *,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        make_id: Callable[[str], str] = new_id,
+    ) -> None:
+        self._store = store
+        self._brevo = brevo
+        self.settings = settings
+        self._now = clock_ms
+        self._make_id = make_id
+        self._hub = EventHub(settings.stream_buffer)
+        self._locks = KeyedLocks()
+        self.stats: Counter[str] = Counter()
+        store.set_listener(self._hub.publish)
+
+    @property
+    def open_streams(self) -> int:
+        return self._hub.subscriber_count
+
+    # --- StartHandoff ---------------------------------------------------------------------
+
+    async def start(self, request: StartRequest) -> tuple[Handoff, bool]:
+        """Opens a handoff, or returns the open one of the same conversation (posting nothing)."""
+        _require_id("conversation_id", request.conversation_id)
+        _check_map("user.attributes", request.user.attributes)
+        _check_map("metadata", request.metadata)
+        if len(request.history) > MAX_HISTORY_TURNS:
+            raise errors.InvalidArgument(
+                "history", f"at most {MAX_HISTORY_TURNS} turns; send only the most recent ones"
+            )
+        async with self._locks.hold(f"conversation:{request.conversation_id}"):
+            existing = await self._store.find_open_by_conversation(request.conversation_id)
+            created = existing is None
+            if existing is None:
+                now = self._now()
+                parts = opening_parts(
+                    user=request.user,
+                    title=request.title,
+                    description=request.description,
+                    history=request.history,
+                    max_chars=self.settings.opening_max_chars,
+                )
+                fresh = Handoff(
+                    id=self._make_id("ho_"),
+                    conversation_id=request.conversation_id,
+                    visitor_id=self._make_id("hf_"),
+                    state=HandoffState.PENDING_AGENT,
+                    created_at_ms=now,
+                    updated_at_ms=now,
+                    metadata=dict(request.metadata),
+                    opening_parts=parts,
+                )
+                existing, created = await self._store.create_handoff(fresh)
+                if created:
+                    log.info("handoff started", extra={"handoff_id": existing.id})
+            if existing.opening_complete:
+                return existing, created
+            return await self._post_opening(existing.id), created
+
+    async def _post_opening(self, handoff_id: str) -> Handoff:
+        async with self._locks.hold(f"send:{handoff_id}"):
+            handoff = await self._get(handoff_id)
+            while not handoff.opening_complete and handoff.is_open:
+                part = handoff.opening_parts[handoff.opening_posted]
+                sent = await self._brevo.send_agent_message(handoff.visitor_id, part)
+                handoff, _ = await self._update(handoff_id, _opening_part_posted(sent.id))
+            return handoff
+
+    # --- SendMessage ----------------------------------------------------------------------
+
+    async def send(
+        self,
+        handoff_id: str,
+        client_message_id: str,
+        text: str,
+        attachments: Sequence[Attachment] = (),
+    ) -> SendResult:
+        _require_id("handoff_id", handoff_id)
+        _require_id("client_message_id", client_message_id)
+        if not text.strip() and not attachments:
+            raise errors.InvalidArgument("text", "empty: give a text, an attachment, or both")
+        if len(text) > self.settings.max_text_chars:
+            raise errors.InvalidArgument(
+                "text",
+                f"{len(text)} characters; split it into messages of at most "
+                f"{self.settings.max_text_chars}",
+            )
+        _check_attachments(attachments)
+        async with self._locks.hold(f"send:{handoff_id}"):
+            handoff = await self._get(handoff_id)
+            already = await self._store.client_message(handoff_id, client_message_id)
+            if already is not None:
+                self.stats["messages_to_agent_duplicate"] += 1
+                return SendResult(already, duplicate=True)
+            _require_open(handoff)
+            if not handoff.opening_complete:
+                raise errors.NotReady(
+                    f"handoff {handoff_id}: the opening message has not reached Brevo yet; "
+                    "call StartHandoff again with the same conversation_id, then retry"
+                )
+            body = user_message_text(self.settings.user_prefix, text, attachments)
+            sent = await self._brevo.send_agent_message(handoff.visitor_id, body)
+            await self._update(
+                handoff_id,
+                lambda h: Commit(
+                    h,
+                    h.version,
+                    sent_message_ids=(sent.id,),
+                    client_message=(client_message_id, sent.id),
+                ),
+            )
+            self.stats["messages_to_agent"] += 1
+            return SendResult(sent.id, duplicate=False)
+
+    # --- StopHandoff / GetHandoff ---------------------------------------------------------
+
+    async def stop(self, handoff_id: str, notice: str = "") -> Handoff:
+        _require_id("handoff_id", handoff_id)
+        if len(notice) > self.settings.max_text_chars:
+            raise errors.InvalidArgument("notice", f"at most {self.settings.max_text_chars} chars")
+        async with self._locks.hold(f"send:{handoff_id}"):
+            handoff = await self._get(handoff_id)
+            if not handoff.is_open:
+                return handoff
+            await self._brevo.send_agent_message(
+                handoff.visitor_id, notice or self.settings.closing_notice
+            )
+            handoff, _ = await self._end(handoff_id, EndReason.STOPPED_BY_BOT)
+            log.info("handoff stopped by the bot", extra={"handoff_id": handoff_id})
+            return handoff
+
+    async def get(self, handoff_id: str) -> Handoff:
+        _require_id("handoff_id", handoff_id)
+        return await self._get(handoff_id)
+
+    # --- Timeouts -------------------------------------------------------------------------
+
+    async def expire_pending(self) -> int:
+        """Ends the handoffs no agent took within the agent timeout; returns how many."""
+        timeout_ms = int(self.settings.agent_timeout_s * 1000)
+        if timeout_ms <= 0:
+            return 0
+        expired = 0
+        for candidate in await self._store.pending_before(self._now() - timeout_ms):
+            async with self._locks.hold(f"send:{candidate.id}"):
+                handoff = await self._get(candidate.id)
+                if handoff.state is not HandoffState.PENDING_AGENT:
+                    continue
+                try:
+                    await self._brevo.send_agent_message(
+                        handoff.visitor_id, self.settings.timeout_notice
+                    )
+                except errors.HandoffError as exc:
+                    # The user must not wait on: end the handoff even if the agent's inbox
+                    # cannot be told.
+                    log.warning(
+                        "could not post the timeout notice: %s",
+                        exc,
+                        extra={"handoff_id": handoff.id},
+                    )
+                _, events = await self._end(handoff.id, EndReason.TIMED_OUT)
+                if events:
+                    expired += 1
+                    log.info("handoff timed out", extra={"handoff_id": handoff.id})
+        return expired
+
+    async def run_timeouts(self, interval_s: float) -> None:
+        """Checks for timed-out handoffs every ``interval_s`` until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.expire_pending()
+            except errors.HandoffError as exc:
+                log.warning("agent-timeout check failed, will retry: %s", exc)
+
+    # --- Webhooks -------------------------------------------------------------------------
+
+    async def handle_webhook(self, body: object) -> WebhookOutcome:
+        """Stores what one Brevo webhook means. Returns only once it is stored.
+
+        Raises InvalidPayload for a body that is not a webhook, StoreUnavailable when the
+        store cannot take it (the gateway answers 503 so that Brevo may retry).
+        """
+        event = parse_webhook(body)
+        if event.event_name not in KNOWN_EVENTS:
+            self.stats["webhooks_ignored_event"] += 1
+            return WebhookOutcome("ignored_event")
+        for problem in event.problems:
+            log.warning("webhook %s: %s", event.event_name, problem)
+        handoff = await self._route(event)
+        if handoff is None:
+            self.stats["webhooks_unknown_visitor"] += 1
+            return WebhookOutcome("unknown_visitor")
+        async with self._locks.hold(f"inbound:{handoff.id}"):
+            for _ in range(COMMIT_ATTEMPTS):
+                current = await self._get(handoff.id)
+                ids = [m.id for m in event.messages]
+                plan = plan_inbound(
+                    current,
+                    event,
+                    seen=await self._store.seen_message_ids(current.id, ids),
+                    sent=await self._store.sent_message_ids(current.id, ids),
+                    identity=self.settings.identity,
+                    now_ms=self._now(),
+                )
+                for reason, count in plan.dropped.items():
+                    self.stats[f"messages_dropped_{reason}"] += count
+                if not plan.changes_anything and plan.handoff == current:
+                    self.stats["webhooks_duplicate"] += 1
+                    return WebhookOutcome("duplicate", 0, current.id)
+                try:
+                    stored = await self._store.commit(
+                        Commit(
+                            plan.handoff,
+                            current.version,
+                            events=plan.events,
+                            seen_message_ids=plan.seen_message_ids,
+                        )
+                    )
+                except errors.ConcurrentUpdate:
+                    continue
+                self.stats["webhooks_stored"] += 1
+                self.stats["messages_from_agent"] += sum(
+                    1 for e in plan.events if isinstance(e.payload, AgentMessage)
+                )
+                return WebhookOutcome("stored", len(stored), current.id)
+        raise errors.StoreUnavailable("the handoff kept changing; retry the webhook")
+
+    async def _route(self, event: WebhookEvent) -> Handoff | None:
+        if event.visitor_id:
+            found = await self._store.find_by_visitor(event.visitor_id)
+            if found is not None:
+                return found
+        if event.conversation_id:
+            return await self._store.find_by_brevo_conversation(event.conversation_id)
+        return None
+
+    # --- StreamAgentReplies ---------------------------------------------------------------
+
+    async def events(
+        self, handoff_id: str, after_cursor: str
+    ) -> AsyncIterator[StoredEvent | Heartbeat]:
+        """Replays the events after ``after_cursor``, then follows new ones live.
+
+        With a handoff id and no cursor the replay starts at the handoff's first event;
+        with neither, the stream starts now. A one-handoff stream ends after HandoffEnded.
+        Raises StreamOverflow when the reader fell more than the buffer behind live events.
+        """
+        after: int | None = None
+        if after_cursor:
+            after = decode_cursor(after_cursor)
+            if after is None:
+                raise errors.InvalidCursor(after_cursor)
+        if handoff_id:
+            await self._get(handoff_id)
+            if after is None:
+                after = 0
+        return self._follow(handoff_id or None, after)
+
+    async def _follow(
+        self, handoff_id: str | None, after: int | None
+    ) -> AsyncIterator[StoredEvent | Heartbeat]:
+        # Subscribe first, then read the store: what commits in between is in both, and the
+        # sequence numbers drop the copy. Nothing can fall in a gap.
+        sub = self._hub.subscribe(handoff_id)
+        try:
+            last = after if after is not None else await self._store.last_seq()
+            while True:
+                page = await self._store.read_events(handoff_id, last, self.settings.replay_page)
+                for event in page:
+                    yield event
+                    last = event.seq
+                    if handoff_id and isinstance(event.payload, HandoffEnded):
+                        return
+                if sub.overflowed:
+                    sub.reset()  # still catching up from the store: the buffer is not needed
+                    continue
+                if len(page) < self.settings.replay_page:
+                    break
+            while True:
+                if sub.overflowed:
+                    raise errors.StreamOverflow(
+                        f"this stream fell more than {self.settings.stream_buffer} events "
+                        "behind; reconnect with after_cursor set to the last cursor received"
+                    )
+                try:
+                    event = await asyncio.wait_for(sub.queue.get(), self.settings.heartbeat_s)
+                except TimeoutError:
+                    yield Heartbeat(self._now())
+                    continue
+                if event.seq <= last:
+                    continue
+                yield event
+                last = event.seq
+                if handoff_id and isinstance(event.payload, HandoffEnded):
+                    return
+        finally:
+            self._hub.unsubscribe(sub)
+
+    # --- Helpers --------------------------------------------------------------------------
+
+    async def _get(self, handoff_id: str) -> Handoff:
+        handoff = await self._store.get_handoff(handoff_id)
+        if handoff is None:
+            raise errors.NotFound(f"no handoff {handoff_id!r}; use the id StartHandoff returned")
+        return handoff
+
+    async def _update(
+        self, handoff_id: str, change: Callable[[Handoff], Commit | None]
+    ) -> tuple[Handoff, list[StoredEvent]]:
+        """Applies ``change`` to the freshest record, retrying when another writer won."""
+        for _ in range(COMMIT_ATTEMPTS):
+            current = await self._get(handoff_id)
+            commit = change(current)
+            if commit is None:
+                return current, []
+            try:
+                stored = await self._store.commit(commit)
+            except errors.ConcurrentUpdate:
+                continue
+            return dataclasses.replace(commit.handoff, version=current.version + 1), stored
+        raise errors.StoreUnavailable(f"handoff {handoff_id} kept changing; retry")
+
+    async def _end(self, handoff_id: str, reason: EndReason) -> tuple[Handoff, list[StoredEvent]]:
+        def change(h: Handoff) -> Commit | None:
+            if not h.is_open:
+                return None
+            now = self._now()
+            ended = dataclasses.replace(
+                h, state=HandoffState.ENDED, end_reason=reason, updated_at_ms=now
+            )
+            return Commit(ended, h.version, events=(NewEvent(now, HandoffEnded(reason)),))
+
+        return await self._update(handoff_id, change)
+
+
+def _opening_part_posted(sent_id: str) -> Callable[[Handoff], Commit]:
+    def change(h: Handoff) -> Commit:
+        posted = dataclasses.replace(h, opening_posted=h.opening_posted + 1)
+        return Commit(posted, h.version, sent_message_ids=(sent_id,))
+
+    return change
+
+
+def _require_id(name: str, value: str) -> None:
+    if not value.strip():
+        raise errors.InvalidArgument(name, "required")
+    if len(value) > MAX_ID_CHARS:
+        raise errors.InvalidArgument(name, f"at most {MAX_ID_CHARS} characters")
+
+
+def _require_open(handoff: Handoff) -> None:
+    if not handoff.is_open:
+        reason = handoff.end_reason.value if handoff.end_reason else "ENDED"
+        raise errors.HandoffEndedError(
+            f"handoff {handoff.id} has ended ({reason}); call StartHandoff to reach an agent again"
+        )
+
+
+def _check_map(name: str, values: dict[str, str]) -> None:
+    if len(values) > MAX_MAP_ENTRIES:
+        raise errors.InvalidArgument(name, f"at most {MAX_MAP_ENTRIES} entries")
+    for key, value in values.items():
+        if len(key) > 128 or len(value) > 2048:
+            raise errors.InvalidArgument(
+                f"{name}[{key[:40]!r}]", "keys at most 128, values at most 2048 characters"
+            )
+
+
+def _check_attachments(attachments: Sequence[Attachment]) -> None:
+    if len(attachments) > MAX_ATTACHMENTS:
+        raise errors.InvalidArgument("attachments", f"at most {MAX_ATTACHMENTS}")
+    for index, attachment in enumerate(attachments):
+        url = attachment.url
+        if not url.startswith(("https://", "http://")) or len(url) > MAX_URL_CHARS:
+            raise errors.InvalidArgument(
+                f"attachments[{index}].url",
+                "required: an http(s) link of at most 2048 characters the agent can open",
+            )
+        if any(ch in url for ch in " \n\r\t"):
+            raise errors.InvalidArgument(f"attachments[{index}].url", "must not contain spaces")

@@ -1,0 +1,209 @@
+"""What a Brevo webhook means for a handoff: the rules that turn messages into stream events.
+
+Pure: given the handoff, the parsed webhook and what the store already knows (seen and sent
+message ids), returns the handoff's next state, the events to append and the ids to remember.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass
+
+from service.core.brevo_payloads import (
+    CONVERSATION_TRANSCRIPT,
+    BrevoFile,
+    BrevoMessage,
+    WebhookEvent,
+)
+from service.core.models import (
+    Agent,
+    AgentJoined,
+    AgentMessage,
+    Attachment,
+    AttachmentKind,
+    EndReason,
+    Handoff,
+    HandoffEnded,
+    HandoffState,
+    NewEvent,
+    NoAgentAvailable,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceIdentity:
+    """How the service's own posts look when Brevo echoes them back."""
+
+    agent_id: str
+    received_from: str
+
+
+@dataclass(frozen=True, slots=True)
+class InboundPlan:
+    handoff: Handoff
+    events: tuple[NewEvent, ...]
+    seen_message_ids: tuple[str, ...]
+    dropped: Counter[str]
+
+    @property
+    def changes_anything(self) -> bool:
+        return bool(self.events or self.seen_message_ids)
+
+
+def plan_inbound(
+    handoff: Handoff,
+    event: WebhookEvent,
+    *,
+    seen: set[str],
+    sent: set[str],
+    identity: ServiceIdentity,
+    now_ms: int,
+) -> InboundPlan:
+    """Applies one webhook to one handoff.
+
+    - messages are handled in ``createdAt`` order (arrival order breaks ties and fills gaps);
+    - a message id handled before (this delivery or an earlier one) is skipped;
+    - visitor, pushed and trigger messages and the service's own echoes are dropped;
+      echoes are recognised by the stored id, then ``receivedFrom``, then the agent id;
+    - an agent's first message in the handoff is preceded by ``AgentJoined``;
+    - ``isNoAvailableAgent`` gives ``NoAgentAvailable`` each time it turns true;
+    - a transcript ends the handoff after its not-yet-emitted agent messages.
+    """
+    dropped: Counter[str] = Counter()
+    if not handoff.is_open:
+        dropped["handoff_ended"] += len(event.messages)
+        return InboundPlan(handoff, (), (), dropped)
+
+    events: list[NewEvent] = []
+    agents = list(handoff.agents)
+    state = handoff.state
+    no_agent = handoff.no_agent_available
+    brevo_conversation_id = event.conversation_id or handoff.brevo_conversation_id
+
+    if event.no_agent_available is True and not no_agent:
+        events.append(NewEvent(now_ms, NoAgentAvailable()))
+        no_agent = True
+    elif event.no_agent_available is False:
+        no_agent = False
+
+    handled: list[str] = []
+    handled_here: set[str] = set()
+    for message in sort_messages(event.messages, now_ms):
+        if message.id in seen or message.id in handled_here:
+            dropped["duplicate"] += 1
+            continue
+        handled_here.add(message.id)
+        handled.append(message.id)
+        reason = drop_reason(message, sent=sent, identity=identity)
+        if reason is not None:
+            dropped[reason] += 1
+            continue
+        agent = _agent_of(message, event, agents)
+        occurred = message.created_at_ms if message.created_at_ms is not None else now_ms
+        if all(known.id != agent.id for known in agents):
+            agents.append(agent)
+            events.append(NewEvent(occurred, AgentJoined(agent)))
+        events.append(
+            NewEvent(
+                occurred,
+                AgentMessage(
+                    brevo_message_id=message.id,
+                    agent=agent,
+                    text=message.text,
+                    html=message.html,
+                    attachments=tuple(_attachment(f) for f in message.files),
+                ),
+            )
+        )
+        state = HandoffState.ACTIVE
+        no_agent = False
+
+    end_reason = handoff.end_reason
+    if event.event_name == CONVERSATION_TRANSCRIPT:
+        events.append(NewEvent(now_ms, HandoffEnded(EndReason.AGENT_CLOSED)))
+        state = HandoffState.ENDED
+        end_reason = EndReason.AGENT_CLOSED
+
+    changed = dataclasses.replace(
+        handoff,
+        state=state,
+        end_reason=end_reason,
+        agents=tuple(agents),
+        no_agent_available=no_agent,
+        brevo_conversation_id=brevo_conversation_id,
+        updated_at_ms=now_ms if state is not handoff.state else handoff.updated_at_ms,
+    )
+    if not events and not handled and changed == handoff:
+        return InboundPlan(handoff, (), (), dropped)
+    return InboundPlan(changed, tuple(events), tuple(handled), dropped)
+
+
+def sort_messages(messages: tuple[BrevoMessage, ...], now_ms: int) -> list[BrevoMessage]:
+    """createdAt order; a message without createdAt counts as arriving now; ties keep arrival."""
+    indexed = list(enumerate(messages))
+    indexed.sort(key=lambda pair: (_time(pair[1], now_ms), pair[0]))
+    return [message for _, message in indexed]
+
+
+def _time(message: BrevoMessage, now_ms: int) -> int:
+    return message.created_at_ms if message.created_at_ms is not None else now_ms
+
+
+def drop_reason(message: BrevoMessage, *, sent: set[str], identity: ServiceIdentity) -> str | None:
+    """Why a message is not an agent's reply to the end user, or None when it is one."""
+    kind = message.type.lower()
+    if kind and kind != "agent":
+        return "visitor" if kind == "visitor" else "not_agent"
+    if not kind and not (message.agent_id or message.agent_name):
+        return "not_agent"
+    if message.is_pushed:
+        return "pushed"
+    if message.is_trigger:
+        return "trigger"
+    if message.id in sent:
+        return "echo"
+    if identity.received_from and message.received_from == identity.received_from:
+        return "echo"
+    if identity.agent_id and message.agent_id == identity.agent_id:
+        return "echo"
+    return None
+
+
+def _agent_of(message: BrevoMessage, event: WebhookEvent, known: list[Agent]) -> Agent:
+    agent_id = message.agent_id or (
+        f"name:{message.agent_name}" if message.agent_name else "unknown"
+    )
+    listed = event.agents.get(message.agent_id)
+    seen = next((a for a in known if a.id == agent_id), None)
+    return Agent(
+        id=agent_id,
+        name=message.agent_name or (listed.name if listed else "") or (seen.name if seen else ""),
+        picture_url=message.agent_userpic
+        or (listed.userpic if listed else "")
+        or (seen.picture_url if seen else ""),
+    )
+
+
+def attachment_kind(mime_type: str, is_image: bool) -> AttachmentKind:
+    major = mime_type.split("/", 1)[0].lower()
+    if is_image or major == "image":
+        return AttachmentKind.IMAGE
+    if major == "audio":
+        return AttachmentKind.AUDIO
+    if major == "video":
+        return AttachmentKind.VIDEO
+    return AttachmentKind.FILE
+
+
+def _attachment(file: BrevoFile) -> Attachment:
+    return Attachment(
+        url=file.link,
+        name=file.name,
+        mime_type=file.mime_type,
+        kind=attachment_kind(file.mime_type, file.is_image),
+        size_bytes=file.size,
+        width=file.width,
+        height=file.height,
+        preview_url=file.preview_url,
+    )

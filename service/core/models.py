@@ -1,0 +1,200 @@
+"""The domain's values: handoffs, agents, attachments and the events a stream carries."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+
+class HandoffState(enum.StrEnum):
+    PENDING_AGENT = "PENDING_AGENT"
+    ACTIVE = "ACTIVE"
+    ENDED = "ENDED"
+
+
+class EndReason(enum.StrEnum):
+    AGENT_CLOSED = "AGENT_CLOSED"
+    STOPPED_BY_BOT = "STOPPED_BY_BOT"
+    TIMED_OUT = "TIMED_OUT"
+
+
+class Role(enum.StrEnum):
+    USER = "USER"
+    BOT = "BOT"
+
+
+class AttachmentKind(enum.StrEnum):
+    IMAGE = "IMAGE"
+    FILE = "FILE"
+    AUDIO = "AUDIO"
+    VIDEO = "VIDEO"
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    id: str
+    name: str = ""
+    picture_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    url: str
+    name: str = ""
+    mime_type: str = ""
+    kind: AttachmentKind = AttachmentKind.FILE
+    size_bytes: int = 0
+    width: int = 0
+    height: int = 0
+    preview_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str = ""
+    name: str = ""
+    email: str = ""
+    picture_url: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryTurn:
+    role: Role
+    text: str
+    time_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """One conversation handed to Brevo. ``version`` increases with every stored change."""
+
+    id: str
+    conversation_id: str
+    visitor_id: str
+    state: HandoffState
+    created_at_ms: int
+    updated_at_ms: int
+    version: int = 0
+    end_reason: EndReason | None = None
+    brevo_conversation_id: str = ""
+    agents: tuple[Agent, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+    no_agent_available: bool = False
+    # The opening message, split into parts, and how many of them Brevo has accepted.
+    opening_parts: tuple[str, ...] = ()
+    opening_posted: int = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is not HandoffState.ENDED
+
+    @property
+    def opening_complete(self) -> bool:
+        return self.opening_posted >= len(self.opening_parts)
+
+    def agent(self, agent_id: str) -> Agent | None:
+        return next((a for a in self.agents if a.id == agent_id), None)
+
+
+# --- Event payloads: what a stream carries -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AgentMessage:
+    brevo_message_id: str
+    agent: Agent
+    text: str
+    html: str = ""
+    attachments: tuple[Attachment, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AgentJoined:
+    agent: Agent
+
+
+@dataclass(frozen=True, slots=True)
+class NoAgentAvailable:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffEnded:
+    reason: EndReason
+
+
+EventPayload: TypeAlias = AgentMessage | AgentJoined | NoAgentAvailable | HandoffEnded
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event about to be stored: the store gives it its position."""
+
+    occurred_at_ms: int
+    payload: EventPayload
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event in the log. ``seq`` orders every event of the deployment."""
+
+    seq: int
+    handoff_id: str
+    conversation_id: str
+    occurred_at_ms: int
+    payload: EventPayload
+
+    @property
+    def cursor(self) -> str:
+        return encode_cursor(self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Nothing happened for a while: keeps idle streams alive. Not stored."""
+
+    sent_at_ms: int
+
+
+CURSOR_PREFIX = "c1."
+
+
+def encode_cursor(seq: int) -> str:
+    """Cursors are opaque to clients; the prefix leaves room to change the encoding."""
+    return f"{CURSOR_PREFIX}{seq}"
+
+
+def decode_cursor(cursor: str) -> int | None:
+    """The log position a cursor names, or None when it is not one of ours."""
+    if not cursor.startswith(CURSOR_PREFIX):
+        return None
+    digits = cursor[len(CURSOR_PREFIX) :]
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 18:
+        return None
+    return int(digits)
+
+
+@dataclass(frozen=True, slots=True)
+class SentMessage:
+    """What Brevo answered to a message the service posted."""
+
+    id: str
+    created_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """One atomic change to a handoff: its new record, new events, and the ids to remember.
+
+    The store applies it only when the stored handoff still has ``expected_version``
+    (optimistic concurrency), else raises ``ConcurrentUpdate``.
+    """
+
+    handoff: Handoff
+    expected_version: int
+    events: tuple[NewEvent, ...] = ()
+    seen_message_ids: tuple[str, ...] = ()
+    sent_message_ids: tuple[str, ...] = ()
+    client_message: tuple[str, str] | None = None  # (client_message_id, brevo_message_id)

@@ -1,0 +1,85 @@
+"""The interfaces the core needs from the outside world, as Protocols."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from service.core.models import Commit, Handoff, SentMessage, StoredEvent
+
+EventListener = Callable[[Sequence[StoredEvent]], None]
+
+
+class BrevoApi(Protocol):
+    """Posting to Brevo Conversations as the configured agent.
+
+    Raises BrevoUnavailable, BrevoRateLimited, BrevoAuthRejected or BrevoRejected.
+    """
+
+    async def send_agent_message(self, visitor_id: str, text: str) -> SentMessage: ...
+
+    async def check_account(self) -> str:
+        """Checks the API key; returns a short description of the account."""
+        ...
+
+
+class HandoffStore(Protocol):
+    """Handoffs, the event log, seen/sent message ids and client message ids.
+
+    Every committed event is handed to the listener, in log order, exactly once per
+    process, so live subscribers see what the log holds and nothing else.
+    Raises StoreUnavailable when the backend cannot be reached.
+    """
+
+    def set_listener(self, listener: EventListener) -> None: ...
+
+    async def create_handoff(self, handoff: Handoff) -> tuple[Handoff, bool]:
+        """Stores a new handoff unless one is already open for its conversation_id.
+
+        Returns (the open handoff for that conversation, whether this call created it).
+        """
+        ...
+
+    async def get_handoff(self, handoff_id: str) -> Handoff | None: ...
+
+    async def find_open_by_conversation(self, conversation_id: str) -> Handoff | None: ...
+
+    async def find_by_visitor(self, visitor_id: str) -> Handoff | None: ...
+
+    async def find_by_brevo_conversation(self, brevo_conversation_id: str) -> Handoff | None: ...
+
+    async def commit(self, commit: Commit) -> list[StoredEvent]:
+        """Applies the change atomically; raises ConcurrentUpdate on a version mismatch."""
+        ...
+
+    async def seen_message_ids(self, handoff_id: str, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` were already handled (emitted or dropped) for this handoff."""
+        ...
+
+    async def sent_message_ids(self, handoff_id: str, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are messages the service itself posted to Brevo."""
+        ...
+
+    async def client_message(self, handoff_id: str, client_message_id: str) -> str | None:
+        """The Brevo message id a client message was already posted as, if any."""
+        ...
+
+    async def read_events(
+        self, handoff_id: str | None, after_seq: int, limit: int
+    ) -> list[StoredEvent]:
+        """Events after ``after_seq`` (one handoff's, or all), oldest first."""
+        ...
+
+    async def last_seq(self) -> int:
+        """The position of the newest event in the log (0 when empty)."""
+        ...
+
+    async def pending_before(self, created_before_ms: int) -> list[Handoff]:
+        """Handoffs still waiting for an agent that were created before the given time."""
+        ...
+
+    async def ping(self) -> None:
+        """Raises StoreUnavailable when the backend cannot serve."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""The gRPC adapter: HandoffService over service.core, and the server factory."""

@@ -1,0 +1,144 @@
+"""HandoffService over grpc.aio: decode, call the core, encode; errors become status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from service.core import errors
+from service.core.handoffs import HandoffManager
+from service.core.models import Heartbeat
+from service.rpc import convert
+from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
+from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def status_for(exc: errors.HandoffError) -> grpc.StatusCode:
+    """The code that tells the caller what to do (see the comment on the service)."""
+    match exc:
+        case errors.InvalidArgument() | errors.BrevoRejected():
+            return grpc.StatusCode.INVALID_ARGUMENT
+        case errors.NotFound():
+            return grpc.StatusCode.NOT_FOUND
+        case errors.HandoffEndedError() | errors.NotReady() | errors.BrevoAuthRejected():
+            return grpc.StatusCode.FAILED_PRECONDITION
+        case errors.BrevoRateLimited() | errors.StreamOverflow():
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+        case errors.BrevoUnavailable() | errors.StoreUnavailable():
+            return grpc.StatusCode.UNAVAILABLE
+        case errors.ConcurrentUpdate():
+            return grpc.StatusCode.ABORTED
+    return grpc.StatusCode.INTERNAL
+
+
+def message_for(exc: errors.HandoffError) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, errors.BrevoRateLimited) and exc.retry_after_s is not None:
+        text += f" (retry after {exc.retry_after_s:g} s)"
+    return text
+
+
+async def _abort_internal(context: grpc.aio.ServicerContext[Req, Resp], exc: Exception) -> None:
+    ref = secrets.token_hex(4)
+    log.error("internal error ref=%s", ref, exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error (ref {ref}); retry, and report the ref if it persists",
+    )
+
+
+def _unary(
+    fn: Callable[[HandoffServicer, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
+) -> Callable[[HandoffServicer, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    @functools.wraps(fn)
+    async def wrapper(
+        self: HandoffServicer, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except errors.HandoffError as exc:
+            await context.abort(status_for(exc), message_for(exc))
+        except Exception as exc:  # the caller gets a status, never a stack trace
+            await _abort_internal(context, exc)
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+    return wrapper
+
+
+class HandoffServicer(pb_grpc.HandoffServiceServicer):
+    def __init__(self, manager: HandoffManager) -> None:
+        self._manager = manager
+
+    @_unary
+    async def StartHandoff(
+        self,
+        request: pb.StartHandoffRequest,
+        context: grpc.aio.ServicerContext[pb.StartHandoffRequest, pb.StartHandoffResponse],
+    ) -> pb.StartHandoffResponse:
+        handoff, created = await self._manager.start(convert.start_request(request))
+        return pb.StartHandoffResponse(handoff=convert.handoff_out(handoff), created=created)
+
+    @_unary
+    async def SendMessage(
+        self,
+        request: pb.SendMessageRequest,
+        context: grpc.aio.ServicerContext[pb.SendMessageRequest, pb.SendMessageResponse],
+    ) -> pb.SendMessageResponse:
+        result = await self._manager.send(
+            request.handoff_id,
+            request.client_message_id,
+            request.text,
+            convert.attachments_in(list(request.attachments)),
+        )
+        return pb.SendMessageResponse(
+            brevo_message_id=result.brevo_message_id, duplicate=result.duplicate
+        )
+
+    @_unary
+    async def StopHandoff(
+        self,
+        request: pb.StopHandoffRequest,
+        context: grpc.aio.ServicerContext[pb.StopHandoffRequest, pb.StopHandoffResponse],
+    ) -> pb.StopHandoffResponse:
+        handoff = await self._manager.stop(request.handoff_id, request.notice)
+        return pb.StopHandoffResponse(handoff=convert.handoff_out(handoff))
+
+    @_unary
+    async def GetHandoff(
+        self,
+        request: pb.GetHandoffRequest,
+        context: grpc.aio.ServicerContext[pb.GetHandoffRequest, pb.GetHandoffResponse],
+    ) -> pb.GetHandoffResponse:
+        handoff = await self._manager.get(request.handoff_id)
+        return pb.GetHandoffResponse(handoff=convert.handoff_out(handoff))
+
+    async def StreamAgentReplies(
+        self,
+        request: pb.StreamAgentRepliesRequest,
+        context: grpc.aio.ServicerContext[
+            pb.StreamAgentRepliesRequest, pb.StreamAgentRepliesResponse
+        ],
+    ) -> AsyncIterator[pb.StreamAgentRepliesResponse]:
+        try:
+            stream = await self._manager.events(request.handoff_id, request.after_cursor)
+            async for item in stream:
+                if isinstance(item, Heartbeat):
+                    yield pb.StreamAgentRepliesResponse(
+                        heartbeat=pb.Heartbeat(sent_at=convert.timestamp(item.sent_at_ms))
+                    )
+                else:
+                    yield pb.StreamAgentRepliesResponse(event=convert.event_out(item))
+        except errors.HandoffError as exc:
+            await context.abort(status_for(exc), message_for(exc))
+        except Exception as exc:
+            await _abort_internal(context, exc)

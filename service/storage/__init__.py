@@ -1,0 +1,1 @@
+"""Storage backends behind service.core.ports.HandoffStore."""

@@ -1,0 +1,350 @@
+"""The embedded store: one SQLite file in WAL mode.
+
+Every call runs on one dedicated thread with one connection, so writes are serialised and
+the event log's order is the commit order. Committed events are handed to the listener on
+the event loop in that same order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from service.core.codec import (
+    handoff_from_json,
+    handoff_to_json,
+    payload_from_json,
+    payload_to_json,
+)
+from service.core.errors import ConcurrentUpdate, StoreUnavailable
+from service.core.models import Commit, Handoff, HandoffState, StoredEvent
+from service.core.ports import EventListener
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS handoffs (
+    id TEXT PRIMARY KEY,
+    conversation_id TEXT NOT NULL,
+    visitor_id TEXT NOT NULL UNIQUE,
+    brevo_conversation_id TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS handoffs_open_conversation
+    ON handoffs (conversation_id) WHERE state != 'ENDED';
+CREATE INDEX IF NOT EXISTS handoffs_brevo_conversation
+    ON handoffs (brevo_conversation_id, created_at_ms);
+CREATE INDEX IF NOT EXISTS handoffs_pending
+    ON handoffs (created_at_ms) WHERE state = 'PENDING_AGENT';
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    handoff_id TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    occurred_at_ms INTEGER NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_handoff ON events (handoff_id, seq);
+CREATE TABLE IF NOT EXISTS seen_messages (
+    handoff_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    PRIMARY KEY (handoff_id, message_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sent_messages (
+    handoff_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    PRIMARY KEY (handoff_id, message_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS client_messages (
+    handoff_id TEXT NOT NULL,
+    client_message_id TEXT NOT NULL,
+    brevo_message_id TEXT NOT NULL,
+    PRIMARY KEY (handoff_id, client_message_id)
+) WITHOUT ROWID;
+"""
+
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+class SqliteStore:
+    """HandoffStore on one SQLite file. Open it with ``await SqliteStore.open(path)``."""
+
+    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
+        if synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
+        self._path = path
+        self._synchronous = synchronous.upper()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sqlite-store"
+        )
+        self._conn: sqlite3.Connection | None = None
+        self._listener: EventListener | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    async def open(cls, path: str, synchronous: str = "NORMAL") -> SqliteStore:
+        store = cls(path, synchronous)
+        store._loop = asyncio.get_running_loop()
+        await store._run(store._connect)
+        return store
+
+    def _connect(self) -> None:
+        if self._path != ":memory:":
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+
+    def set_listener(self, listener: EventListener) -> None:
+        self._listener = listener
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the SQLite store failed: {exc}") from exc
+        except RuntimeError as exc:  # executor shut down
+            raise StoreUnavailable("the store is closed") from exc
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise sqlite3.ProgrammingError("store is not open")
+        return self._conn
+
+    # --- handoffs -----------------------------------------------------------------------
+
+    async def create_handoff(self, handoff: Handoff) -> tuple[Handoff, bool]:
+        def create() -> tuple[Handoff, bool]:
+            db = self._db()
+            try:
+                db.execute(
+                    "INSERT INTO handoffs (id, conversation_id, visitor_id, brevo_conversation_id,"
+                    " state, created_at_ms, version, record) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        handoff.id,
+                        handoff.conversation_id,
+                        handoff.visitor_id,
+                        handoff.brevo_conversation_id,
+                        handoff.state.value,
+                        handoff.created_at_ms,
+                        handoff.version,
+                        handoff_to_json(handoff),
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                existing = self._one(
+                    "SELECT record FROM handoffs WHERE conversation_id = ? AND state != 'ENDED'",
+                    (handoff.conversation_id,),
+                )
+                if existing is None:
+                    raise
+                return existing, False
+            return handoff, True
+
+        return await self._run(create)
+
+    def _one(self, sql: str, args: tuple[object, ...]) -> Handoff | None:
+        row = self._db().execute(sql, args).fetchone()
+        return handoff_from_json(row[0]) if row else None
+
+    async def get_handoff(self, handoff_id: str) -> Handoff | None:
+        return await self._run(
+            lambda: self._one("SELECT record FROM handoffs WHERE id = ?", (handoff_id,))
+        )
+
+    async def find_open_by_conversation(self, conversation_id: str) -> Handoff | None:
+        return await self._run(
+            lambda: self._one(
+                "SELECT record FROM handoffs WHERE conversation_id = ? AND state != 'ENDED'",
+                (conversation_id,),
+            )
+        )
+
+    async def find_by_visitor(self, visitor_id: str) -> Handoff | None:
+        return await self._run(
+            lambda: self._one("SELECT record FROM handoffs WHERE visitor_id = ?", (visitor_id,))
+        )
+
+    async def find_by_brevo_conversation(self, brevo_conversation_id: str) -> Handoff | None:
+        return await self._run(
+            lambda: self._one(
+                "SELECT record FROM handoffs WHERE brevo_conversation_id = ?"
+                " ORDER BY created_at_ms DESC LIMIT 1",
+                (brevo_conversation_id,),
+            )
+        )
+
+    async def pending_before(self, created_before_ms: int) -> list[Handoff]:
+        def pending() -> list[Handoff]:
+            rows = self._db().execute(
+                "SELECT record FROM handoffs WHERE state = ? AND created_at_ms < ?"
+                " ORDER BY created_at_ms",
+                (HandoffState.PENDING_AGENT.value, created_before_ms),
+            )
+            return [handoff_from_json(r[0]) for r in rows]
+
+        return await self._run(pending)
+
+    # --- the one write path ---------------------------------------------------------------
+
+    async def commit(self, commit: Commit) -> list[StoredEvent]:
+        def apply() -> list[StoredEvent]:
+            db = self._db()
+            h = commit.handoff
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                updated = db.execute(
+                    "UPDATE handoffs SET state = ?, brevo_conversation_id = ?, version = ?,"
+                    " record = ? WHERE id = ? AND version = ?",
+                    (
+                        h.state.value,
+                        h.brevo_conversation_id,
+                        commit.expected_version + 1,
+                        handoff_to_json(
+                            _with_version(h, commit.expected_version + 1),
+                        ),
+                        h.id,
+                        commit.expected_version,
+                    ),
+                ).rowcount
+                if updated != 1:
+                    db.execute("ROLLBACK")
+                    raise ConcurrentUpdate(f"handoff {h.id} changed since it was read")
+                stored: list[StoredEvent] = []
+                for event in commit.events:
+                    cursor = db.execute(
+                        "INSERT INTO events (handoff_id, conversation_id, occurred_at_ms, payload)"
+                        " VALUES (?,?,?,?)",
+                        (
+                            h.id,
+                            h.conversation_id,
+                            event.occurred_at_ms,
+                            payload_to_json(event.payload),
+                        ),
+                    )
+                    seq = cursor.lastrowid
+                    assert seq is not None
+                    stored.append(
+                        StoredEvent(
+                            seq, h.id, h.conversation_id, event.occurred_at_ms, event.payload
+                        )
+                    )
+                db.executemany(
+                    "INSERT OR IGNORE INTO seen_messages VALUES (?,?)",
+                    [(h.id, m) for m in commit.seen_message_ids],
+                )
+                db.executemany(
+                    "INSERT OR IGNORE INTO sent_messages VALUES (?,?)",
+                    [(h.id, m) for m in commit.sent_message_ids],
+                )
+                if commit.client_message is not None:
+                    db.execute(
+                        "INSERT OR IGNORE INTO client_messages VALUES (?,?,?)",
+                        (h.id, *commit.client_message),
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            if stored and self._listener is not None and self._loop is not None:
+                # Scheduled from this single thread in commit order: FIFO on the loop.
+                self._loop.call_soon_threadsafe(self._listener, stored)
+            return stored
+
+        return await self._run(apply)
+
+    # --- message ids ----------------------------------------------------------------------
+
+    async def seen_message_ids(self, handoff_id: str, ids: Sequence[str]) -> set[str]:
+        return await self._run(lambda: self._known("seen_messages", handoff_id, ids))
+
+    async def sent_message_ids(self, handoff_id: str, ids: Sequence[str]) -> set[str]:
+        return await self._run(lambda: self._known("sent_messages", handoff_id, ids))
+
+    def _known(self, table: str, handoff_id: str, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db().execute(
+                f"SELECT message_id FROM {table} WHERE handoff_id = ?"  # noqa: S608 (fixed names)
+                f" AND message_id IN ({marks})",
+                (handoff_id, *chunk),
+            )
+            found.update(r[0] for r in rows)
+        return found
+
+    async def client_message(self, handoff_id: str, client_message_id: str) -> str | None:
+        def lookup() -> str | None:
+            row = (
+                self._db()
+                .execute(
+                    "SELECT brevo_message_id FROM client_messages"
+                    " WHERE handoff_id = ? AND client_message_id = ?",
+                    (handoff_id, client_message_id),
+                )
+                .fetchone()
+            )
+            return str(row[0]) if row else None
+
+        return await self._run(lookup)
+
+    # --- the event log --------------------------------------------------------------------
+
+    async def read_events(
+        self, handoff_id: str | None, after_seq: int, limit: int
+    ) -> list[StoredEvent]:
+        def read() -> list[StoredEvent]:
+            if handoff_id is None:
+                rows = self._db().execute(
+                    "SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload FROM events"
+                    " WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after_seq, limit),
+                )
+            else:
+                rows = self._db().execute(
+                    "SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload FROM events"
+                    " WHERE handoff_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (handoff_id, after_seq, limit),
+                )
+            return [StoredEvent(r[0], r[1], r[2], r[3], payload_from_json(r[4])) for r in rows]
+
+        return await self._run(read)
+
+    async def last_seq(self) -> int:
+        def last() -> int:
+            row = self._db().execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+            return int(row[0])
+
+        return await self._run(last)
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._db().execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        try:
+            await self._run(close)
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+def _with_version(handoff: Handoff, version: int) -> Handoff:
+    return dataclasses.replace(handoff, version=version)
