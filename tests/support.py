@@ -84,7 +84,7 @@ def summarize(event: pb.HandoffEvent) -> tuple[object, ...]:
 class Harness:
     running: RunningService
     channel: grpc.aio.Channel
-    stub: pb_grpc.HandoffServiceStub
+    stub: pb_grpc.HandoffServiceAsyncStub
     http: httpx.AsyncClient
 
     @property

@@ -33,7 +33,13 @@ GOLDEN: dict[str, list[tuple[object, ...]]] = {
             "I am passing you to my colleague Jon from returns.",
         ),
         ("joined", JON, "Jon"),
-        ("message", "Jk2Lm4Np6Qr8St0Uv", JON, "Jon", "Hi, Jon here - Marta handed your case to me."),
+        (
+            "message",
+            "Jk2Lm4Np6Qr8St0Uv",
+            JON,
+            "Jon",
+            "Hi, Jon here - Marta handed your case to me.",
+        ),
         ("message", "Tu5Vw7Xy9Za1Bc3De", JON, "Jon", "Your replacement ships today."),
     ],
     "fragment_file.json": [
@@ -88,7 +94,7 @@ async def test_fixture_produces_exact_events(harness: Harness, name: str) -> Non
 async def test_file_becomes_an_attachment_with_link_name_type_and_size(harness: Harness) -> None:
     handoff = await harness.start_handoff()
     await harness.post(fixture("fragment_file.json", handoff.visitor_id))
-    joined, message = await harness.collect(handoff.id, 2)
+    _, message = await harness.collect(handoff.id, 2)
     (attachment,) = message.agent_message.attachments
     assert attachment.url == "https://files.example.net/u/3a9b7c/return-label.png"
     assert attachment.name == "return-label.png"

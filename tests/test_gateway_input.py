@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 from support import Harness, all_summaries, fixture
@@ -19,7 +20,12 @@ async def test_wrong_token_is_404_and_stores_nothing(harness: Harness) -> None:
     await harness.settle()
     before = await stored_event_count(harness)
     token = harness.running.config.webhook_token.reveal()
-    for wrong in ("nope", token[:-1], token + "x", token.upper() if token.upper() != token else "A"):
+    for wrong in (
+        "nope",
+        token[:-1],
+        token + "x",
+        token.upper() if token.upper() != token else "A",
+    ):
         response = await harness.post(
             fixture("fragment_reply_with_echo.json", handoff.visitor_id), token=wrong
         )
@@ -39,7 +45,7 @@ async def test_oversized_body_is_413(harness: Harness) -> None:
 async def test_oversized_body_without_content_length_is_413(harness: Harness) -> None:
     limit = harness.running.config.webhook_max_bytes
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(limit // 65536 + 2):
             yield b"x" * 65536
 

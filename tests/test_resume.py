@@ -38,7 +38,7 @@ async def test_reconnect_with_last_cursor_gets_exactly_the_missed_events(
 async def test_resume_goes_live_without_gap_or_duplicate(harness: Harness) -> None:
     handoff = await harness.start_handoff()
     await agent_writes(harness, handoff.visitor_id, "m0")
-    (joined, m0) = await harness.collect(handoff.id, 2)
+    (_, m0) = await harness.collect(handoff.id, 2)
     # Resume while the agent keeps writing: replay and live overlap; each message once.
     collector = asyncio.create_task(harness.collect(handoff.id, 20, after_cursor=m0.cursor))
     for i in range(1, 21):
@@ -99,6 +99,12 @@ async def test_ended_handoff_stream_replays_and_completes(harness: Harness) -> N
     items = [item async for item in call]
     assert all_summaries([i.event for i in items]) == [
         ("joined", "SandboxAgentSam01", "Sam"),
-        ("message", items[1].event.agent_message.brevo_message_id, "SandboxAgentSam01", "Sam", "hello"),
+        (
+            "message",
+            items[1].event.agent_message.brevo_message_id,
+            "SandboxAgentSam01",
+            "Sam",
+            "hello",
+        ),
         ("ended", "END_REASON_STOPPED_BY_BOT"),
     ]

@@ -100,7 +100,9 @@ async def test_start_handoff_is_idempotent_per_open_conversation(harness: Harnes
 async def test_long_opening_is_split_in_order(tmp_path: Path) -> None:
     h = await open_harness(make_config(tmp_path, "--opening-max-chars", "200"))
     try:
-        history = [pb.HistoryTurn(role=pb.ROLE_USER, text=f"line {i} " + "x" * 60) for i in range(8)]
+        history = [
+            pb.HistoryTurn(role=pb.ROLE_USER, text=f"line {i} " + "x" * 60) for i in range(8)
+        ]
         handoff = await h.start_handoff(history=history)
         parts = texts(h, handoff.visitor_id)
         assert len(parts) > 1

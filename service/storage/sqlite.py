@@ -87,6 +87,7 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         self._listener: EventListener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     @classmethod
     async def open(cls, path: str, synchronous: str = "NORMAL") -> SqliteStore:
@@ -335,6 +336,11 @@ class SqliteStore:
         await self._run(lambda: self._db().execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
+        """Closes the connection; closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+
         def close() -> None:
             if self._conn is not None:
                 self._conn.close()

@@ -1,0 +1,210 @@
+"""The real process: start-up checks, the sandbox banner, clean stop, and no secret in logs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from support import SERVICE_AGENT_ID
+
+from service.brevo.sandbox import BrevoSandbox
+from service.http_server import RunningHttpServer, start_http_server
+from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
+from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "xkeysib-0123456789abcdef-TestSecretKey"
+TOKEN = "tok_ThisIsTheWebhookSecret_42"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def base_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BREVO_", "HANDOFF_"))}
+    env.update(
+        HANDOFF_HOST="127.0.0.1",
+        HANDOFF_SQLITE_PATH=str(tmp_path / "svc.db"),
+        HANDOFF_GRPC_PORT=str(free_port()),
+        HANDOFF_HTTP_PORT=str(free_port()),
+        SANDBOX_PORT="0",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+async def run_to_exit(env: dict[str, str], timeout_s: float = 30) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+@pytest.fixture
+async def brevo() -> AsyncIterator[tuple[BrevoSandbox, RunningHttpServer]]:
+    """A stand-alone Brevo sandbox that knows API_KEY, as the real Brevo would."""
+    sandbox = BrevoSandbox(api_key=API_KEY, auto_agent=True, agent_reply_delay_s=0.05)
+    server = await start_http_server(sandbox.app, "127.0.0.1", 0)
+    try:
+        yield sandbox, server
+    finally:
+        await sandbox.aclose()
+        await server.stop(1)
+
+
+async def test_a_refused_key_stops_start_up_with_one_line(
+    tmp_path: Path, brevo: tuple[BrevoSandbox, RunningHttpServer]
+) -> None:
+    _, server = brevo
+    env = base_env(tmp_path)
+    env.update(
+        BREVO_API_KEY="xkeysib-wrong-key-000",
+        BREVO_BASE_URL=f"{server.base_url}/v3",
+        BREVO_AGENT_ID=SERVICE_AGENT_ID,
+        WEBHOOK_TOKEN=TOKEN,
+    )
+    code, out = await run_to_exit(env)
+    assert code == 1
+    lines = [line for line in out.splitlines() if line.startswith("cannot start:")]
+    assert len(lines) == 1, out
+    assert "key" in lines[0]
+    assert "IP" in lines[0]
+    assert "xkeysib-wrong-key-000" not in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"BREVO_API_KEY": API_KEY, "BREVO_AGENT_ID": "a"}, "WEBHOOK_TOKEN"),
+        ({"BREVO_API_KEY": API_KEY, "WEBHOOK_TOKEN": TOKEN}, "BREVO_AGENT_ID"),
+        ({"WEBHOOK_TOKEN": "short"}, "WEBHOOK_TOKEN"),
+        ({"HANDOFF_GRPC_PORT": "http"}, "HANDOFF_GRPC_PORT"),
+        ({"HANDOFF_AGENT_TIMEOUT_SECONDS": "-1"}, "HANDOFF_AGENT_TIMEOUT_SECONDS"),
+    ],
+)
+async def test_a_missing_or_bad_setting_is_named(
+    tmp_path: Path, extra: dict[str, str], named: str
+) -> None:
+    env = base_env(tmp_path)
+    env.update(extra)
+    code, out = await run_to_exit(env)
+    assert code == 2
+    assert out.startswith("configuration error:")
+    assert named in out
+    assert API_KEY not in out
+
+
+async def wait_for_line(stream: asyncio.StreamReader, needle: str, lines: list[str]) -> None:
+    while True:
+        raw = await asyncio.wait_for(stream.readline(), 30)
+        if not raw:
+            raise AssertionError(f"process ended before {needle!r}: {lines}")
+        lines.append(raw.decode())
+        if needle in lines[-1]:
+            return
+
+
+async def test_without_a_key_it_says_it_uses_the_sandbox_and_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    env = base_env(tmp_path)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        await wait_for_line(proc.stdout, "serving gRPC", lines)
+        banner = "".join(lines)
+        assert "BREVO_API_KEY is not set" in banner
+        assert "SANDBOX" in banner
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{env['HANDOFF_GRPC_PORT']}") as channel:
+            stub = pb_grpc.HandoffServiceStub(channel)
+            started = await stub.StartHandoff(pb.StartHandoffRequest(conversation_id="smoke"))
+            assert started.created
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, "".join(lines) + rest.decode()
+    assert "shutting down" in rest.decode()
+
+
+async def test_no_secret_reaches_a_log_line(
+    tmp_path: Path, brevo: tuple[BrevoSandbox, RunningHttpServer]
+) -> None:
+    sandbox, server = brevo
+    env = base_env(tmp_path)
+    env.update(
+        BREVO_API_KEY=API_KEY,
+        BREVO_BASE_URL=f"{server.base_url}/v3",
+        BREVO_AGENT_ID=SERVICE_AGENT_ID,
+        WEBHOOK_TOKEN=TOKEN,
+        HANDOFF_LOG_LEVEL="DEBUG",
+    )
+    sandbox.set_webhook_url(f"http://127.0.0.1:{env['HANDOFF_HTTP_PORT']}/webhooks/brevo/{TOKEN}")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        await wait_for_line(proc.stdout, "serving gRPC", lines)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{env['HANDOFF_GRPC_PORT']}") as channel:
+            stub = pb_grpc.HandoffServiceStub(channel)
+            handoff = (
+                await stub.StartHandoff(pb.StartHandoffRequest(conversation_id="secret-check"))
+            ).handoff
+            call = stub.StreamAgentReplies(pb.StreamAgentRepliesRequest(handoff_id=handoff.id))
+            async for item in call:
+                if item.WhichOneof("item") == "event" and item.event.HasField("agent_message"):
+                    break
+            call.cancel()
+            await stub.SendMessage(
+                pb.SendMessageRequest(handoff_id=handoff.id, client_message_id="1", text="bye")
+            )
+            await sandbox.wait_idle()
+        # A request with a wrong token is not logged with its path either.
+        async with httpx.AsyncClient() as http:
+            await http.post(
+                f"http://127.0.0.1:{env['HANDOFF_HTTP_PORT']}/webhooks/brevo/{TOKEN}x",
+                content=b"{}",
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.wait_for(proc.communicate(), 30)
+    log = "".join(lines) + rest.decode()
+    assert "webhook stored" in log  # the debug run did log the traffic
+    assert "Brevo API key accepted" in log
+    assert API_KEY not in log
+    assert TOKEN not in log

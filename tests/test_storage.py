@@ -1,0 +1,197 @@
+"""The HandoffStore contract. Every backend must pass the same assertions (parametrised)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from service.core.errors import ConcurrentUpdate
+from service.core.models import (
+    Agent,
+    AgentMessage,
+    Commit,
+    EndReason,
+    Handoff,
+    HandoffEnded,
+    HandoffState,
+    NewEvent,
+    NoAgentAvailable,
+    StoredEvent,
+)
+from service.core.ports import HandoffStore
+from service.storage.sqlite import SqliteStore
+
+Opener = Callable[[], Awaitable[HandoffStore]]
+
+
+def handoff(n: int, conversation: str | None = None) -> Handoff:
+    return Handoff(
+        id=f"ho_{n}",
+        conversation_id=conversation or f"conv-{n}",
+        visitor_id=f"hf_{n}",
+        state=HandoffState.PENDING_AGENT,
+        created_at_ms=1000 + n,
+        updated_at_ms=1000 + n,
+        metadata={"k": "v"},
+        opening_parts=("hello",),
+    )
+
+
+@pytest.fixture(params=["sqlite"])
+async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
+    """Opens the backend on the same durable location each time it is called."""
+    opened: list[HandoffStore] = []
+
+    async def open_store() -> HandoffStore:
+        store = await SqliteStore.open(str(tmp_path / "store.db"))
+        opened.append(store)
+        return store
+
+    assert request.param == "sqlite"
+    yield open_store
+    for store in opened:
+        await store.close()
+
+
+async def test_create_is_unique_per_open_conversation(opener: Opener) -> None:
+    store = await opener()
+    first, created = await store.create_handoff(handoff(1, "same"))
+    assert created
+    again, created_again = await store.create_handoff(handoff(2, "same"))
+    assert (again.id, created_again) == ("ho_1", False)
+    assert await store.find_open_by_conversation("same") == first
+    ended = dataclasses.replace(first, state=HandoffState.ENDED, end_reason=EndReason.TIMED_OUT)
+    await store.commit(Commit(ended, expected_version=0))
+    assert await store.find_open_by_conversation("same") is None
+    fresh, created_fresh = await store.create_handoff(handoff(3, "same"))
+    assert (fresh.id, created_fresh) == ("ho_3", True)
+
+
+async def test_lookups(opener: Opener) -> None:
+    store = await opener()
+    h, _ = await store.create_handoff(handoff(1))
+    assert await store.get_handoff("ho_1") == h
+    assert await store.get_handoff("nope") is None
+    assert await store.find_by_visitor("hf_1") == h
+    named = dataclasses.replace(h, brevo_conversation_id="B1")
+    await store.commit(Commit(named, 0))
+    found = await store.find_by_brevo_conversation("B1")
+    assert found is not None and found.id == "ho_1" and found.version == 1
+
+
+async def test_commit_is_atomic_and_versioned(opener: Opener) -> None:
+    store = await opener()
+    h, _ = await store.create_handoff(handoff(1))
+    agent = Agent("A", "Ann")
+    events = (
+        NewEvent(5, AgentMessage("m1", agent, "one")),
+        NewEvent(6, AgentMessage("m2", agent, "two")),
+    )
+    active = dataclasses.replace(h, state=HandoffState.ACTIVE, agents=(agent,))
+    stored = await store.commit(
+        Commit(
+            active,
+            0,
+            events=events,
+            seen_message_ids=("m1", "m2"),
+            sent_message_ids=("s1",),
+            client_message=("c1", "s1"),
+        )
+    )
+    assert [e.payload for e in stored] == [e.payload for e in events]
+    assert stored[1].seq == stored[0].seq + 1
+    # A writer that read version 0 loses, and nothing of its commit lands.
+    with pytest.raises(ConcurrentUpdate):
+        await store.commit(
+            Commit(h, 0, events=(NewEvent(7, NoAgentAvailable()),), seen_message_ids=("m3",))
+        )
+    assert await store.read_events("ho_1", 0, 100) == stored
+    assert await store.seen_message_ids("ho_1", ["m1", "m2", "m3"]) == {"m1", "m2"}
+    assert await store.sent_message_ids("ho_1", ["s1", "m1"]) == {"s1"}
+    assert await store.client_message("ho_1", "c1") == "s1"
+    assert await store.client_message("ho_1", "c2") is None
+    current = await store.get_handoff("ho_1")
+    assert current == dataclasses.replace(active, version=1)
+
+
+async def test_read_events_pages_filters_and_knows_the_last_position(opener: Opener) -> None:
+    store = await opener()
+    assert await store.last_seq() == 0
+    a, _ = await store.create_handoff(handoff(1))
+    b, _ = await store.create_handoff(handoff(2))
+    for i in range(5):
+        for h in (a, b):
+            current = await store.get_handoff(h.id)
+            assert current is not None
+            await store.commit(
+                Commit(current, current.version, events=(NewEvent(i, NoAgentAvailable()),))
+            )
+    everything = await store.read_events(None, 0, 100)
+    assert len(everything) == 10
+    assert [e.seq for e in everything] == sorted(e.seq for e in everything)
+    only_a = await store.read_events("ho_1", 0, 100)
+    assert [e.handoff_id for e in only_a] == ["ho_1"] * 5
+    page = await store.read_events(None, everything[3].seq, 4)
+    assert page == everything[4:8]
+    assert await store.last_seq() == everything[-1].seq
+
+
+async def test_listener_gets_every_commit_in_log_order(opener: Opener) -> None:
+    store = await opener()
+    received: list[StoredEvent] = []
+
+    def listen(events: Sequence[StoredEvent]) -> None:
+        received.extend(events)
+
+    store.set_listener(listen)
+    for n in range(20):
+        await store.create_handoff(handoff(n))
+
+    async def write(n: int) -> None:
+        h = await store.get_handoff(f"ho_{n}")
+        assert h is not None
+        await store.commit(Commit(h, h.version, events=(NewEvent(n, NoAgentAvailable()),)))
+
+    await asyncio.gather(*(write(n) for n in range(20)))
+    await asyncio.sleep(0.05)
+    assert [e.seq for e in received] == sorted(e.seq for e in received)
+    assert received == await store.read_events(None, 0, 100)
+
+
+async def test_everything_survives_reopening(opener: Opener) -> None:
+    store = await opener()
+    h, _ = await store.create_handoff(handoff(1))
+    ended = dataclasses.replace(h, state=HandoffState.ENDED, end_reason=EndReason.STOPPED_BY_BOT)
+    stored = await store.commit(
+        Commit(
+            ended,
+            0,
+            events=(NewEvent(9, HandoffEnded(EndReason.STOPPED_BY_BOT)),),
+            seen_message_ids=("x",),
+            client_message=("c", "b"),
+        )
+    )
+    await store.close()
+    reopened = await opener()
+    assert await reopened.get_handoff("ho_1") == dataclasses.replace(ended, version=1)
+    assert await reopened.read_events("ho_1", 0, 10) == stored
+    assert await reopened.seen_message_ids("ho_1", ["x"]) == {"x"}
+    assert await reopened.client_message("ho_1", "c") == "b"
+    later, _ = await reopened.create_handoff(handoff(2))
+    new = await reopened.commit(Commit(later, 0, events=(NewEvent(1, NoAgentAvailable()),)))
+    assert new[0].seq > stored[0].seq  # positions are never reused
+
+
+async def test_pending_before(opener: Opener) -> None:
+    store = await opener()
+    for n in (1, 2, 3):
+        await store.create_handoff(handoff(n))
+    h2 = await store.get_handoff("ho_2")
+    assert h2 is not None
+    await store.commit(Commit(dataclasses.replace(h2, state=HandoffState.ACTIVE), 0))
+    assert [h.id for h in await store.pending_before(1003)] == ["ho_1"]
+    assert [h.id for h in await store.pending_before(2000)] == ["ho_1", "ho_3"]

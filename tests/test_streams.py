@@ -1,0 +1,137 @@
+"""Stream mechanics in the core: bounded buffers, overflow, replay past the buffer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from service.core.errors import StreamOverflow
+from service.core.fanout import EventHub
+from service.core.handoffs import HandoffManager, HandoffSettings, StartRequest
+from service.core.inbound import ServiceIdentity
+from service.core.models import (
+    Heartbeat,
+    NoAgentAvailable,
+    SentMessage,
+    StoredEvent,
+)
+from service.storage.sqlite import SqliteStore
+
+
+class RecordingBrevo:
+    """The smallest Brevo for core tests: accepts every post."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, str]] = []
+
+    async def send_agent_message(self, visitor_id: str, text: str) -> SentMessage:
+        self.posts.append((visitor_id, text))
+        return SentMessage(id=f"sent-{len(self.posts)}", created_at_ms=0)
+
+    async def check_account(self) -> str:
+        return "recording"
+
+
+def event(seq: int, handoff_id: str = "h") -> StoredEvent:
+    return StoredEvent(seq, handoff_id, "c", 0, NoAgentAvailable())
+
+
+def test_a_full_buffer_marks_only_that_subscription() -> None:
+    hub = EventHub(buffer_size=2)
+    slow, fast, other = hub.subscribe("h"), hub.subscribe("h"), hub.subscribe("x")
+    for seq in (1, 2):
+        hub.publish([event(seq)])
+        fast.queue.get_nowait()
+    hub.publish([event(3)])
+    assert slow.overflowed and not fast.overflowed and not other.overflowed
+    assert fast.queue.get_nowait().seq == 3
+    assert other.queue.empty()
+    hub.unsubscribe(slow)
+    hub.unsubscribe(fast)
+    hub.unsubscribe(other)
+    assert hub.subscriber_count == 0
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[HandoffManager]:
+    store = await SqliteStore.open(str(tmp_path / "s.db"))
+    yield HandoffManager(
+        store,
+        RecordingBrevo(),
+        HandoffSettings(
+            identity=ServiceIdentity("Me", "handoff-service"),
+            stream_buffer=5,
+            replay_page=3,
+            heartbeat_s=0.05,
+        ),
+    )
+    await store.close()
+
+
+async def agent_messages(
+    manager: HandoffManager, visitor_id: str, count: int, start: int = 0
+) -> None:
+    for i in range(start, start + count):
+        await manager.handle_webhook(
+            {
+                "eventName": "conversationFragment",
+                "visitor": {"id": visitor_id},
+                "messages": [
+                    {"id": f"m{i}", "type": "agent", "agentId": "A", "createdAt": i, "text": str(i)}
+                ],
+            }
+        )
+
+
+async def next_event(stream: AsyncIterator[StoredEvent | Heartbeat]) -> StoredEvent:
+    while True:
+        item = await asyncio.wait_for(anext(stream), 5)
+        if isinstance(item, StoredEvent):
+            return item
+
+
+async def test_a_reader_that_stops_reading_is_cut_off_and_can_resume(
+    manager: HandoffManager,
+) -> None:
+    handoff, _ = await manager.start(StartRequest("c"))
+    stream = await manager.events(handoff.id, "")
+    await agent_messages(manager, handoff.visitor_id, 1)
+    last = await next_event(stream)  # AgentJoined
+    last = await next_event(stream)  # message 0
+    # A heartbeat: the replay is over and the stream is live.
+    assert isinstance(await asyncio.wait_for(anext(stream), 5), Heartbeat)
+    await agent_messages(manager, handoff.visitor_id, 10, start=1)  # more than the buffer of 5
+    with pytest.raises(StreamOverflow, match="reconnect with after_cursor"):
+        for _ in range(100):
+            item = await asyncio.wait_for(anext(stream), 5)
+            assert isinstance(item, StoredEvent)
+            last = item
+    resumed = await manager.events(handoff.id, last.cursor)
+    texts = []
+    while len(texts) < 10:
+        item = await next_event(resumed)
+        texts.append(item.payload.text)  # type: ignore[union-attr]
+    assert texts == [str(i) for i in range(1, 11)]
+    assert manager.open_streams == 1  # the overflowed one was released
+    await resumed.aclose()  # type: ignore[attr-defined]
+    assert manager.open_streams == 0
+
+
+async def test_replay_longer_than_the_buffer_and_pages_is_complete(
+    manager: HandoffManager,
+) -> None:
+    handoff, _ = await manager.start(StartRequest("c"))
+    await agent_messages(manager, handoff.visitor_id, 12)
+    stream = await manager.events(handoff.id, "")
+    first = await next_event(stream)
+    # While replay is in progress, more arrive than the live buffer holds.
+    await agent_messages(manager, handoff.visitor_id, 8, start=12)
+    texts = []
+    while len(texts) < 20:
+        item = await next_event(stream)
+        texts.append(item.payload.text)  # type: ignore[union-attr]
+    assert type(first.payload).__name__ == "AgentJoined"
+    assert texts == [str(i) for i in range(20)]
