@@ -318,3 +318,12 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
         sandbox_agent=sandbox_agent == "on",
         sandbox_agent_delay_s=number("SANDBOX_AGENT_DELAY_SECONDS", float, 0, 600),
     )
+
+
+def settings_table() -> str:
+    """The README's configuration table, made from SETTINGS (a test keeps the README equal)."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = f"`{s.default}`" if s.default else "—"
+        rows.append(f"| `{s.env}` | `{s.flag}` | {default} | {s.help} |")
+    return "\n".join(rows)
