@@ -93,6 +93,7 @@ async def test_fixture_produces_exact_events(harness: Harness, name: str) -> Non
 
 async def test_file_becomes_an_attachment_with_link_name_type_and_size(harness: Harness) -> None:
     handoff = await harness.start_handoff()
+    await harness.settle()
     await harness.post(fixture("fragment_file.json", handoff.visitor_id))
     _, message = await harness.collect(handoff.id, 2)
     (attachment,) = message.agent_message.attachments
@@ -147,6 +148,7 @@ async def test_fixtures_in_sequence_recover_a_lost_message_and_never_repeat(
 
 async def test_no_agent_available_is_emitted_once_per_change(harness: Harness) -> None:
     handoff = await harness.start_handoff()
+    await harness.settle()  # the sandbox's own deliveries carry isNoAvailableAgent too
     body = fixture("fragment_no_agent.json", handoff.visitor_id)
     assert (await harness.post(body)).json()["events"] == 1
     # Still no agent: no second event.

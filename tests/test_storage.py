@@ -80,7 +80,8 @@ async def test_lookups(opener: Opener) -> None:
     named = dataclasses.replace(h, brevo_conversation_id="B1")
     await store.commit(Commit(named, 0))
     found = await store.find_by_brevo_conversation("B1")
-    assert found is not None and found.id == "ho_1" and found.version == 1
+    assert found is not None
+    assert (found.id, found.version) == ("ho_1", 1)
 
 
 async def test_commit_is_atomic_and_versioned(opener: Opener) -> None:
