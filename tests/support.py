@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.app import RunningService, start_service
 from service.brevo.client import RetryPolicy
@@ -159,6 +160,17 @@ async def close_harness(h: Harness) -> None:
     await h.http.aclose()
     await h.channel.close()
     await h.running.stop(0.5)
+
+
+class Dispatch:
+    """An ASGI app that forwards to the current test's app (the servers outlive tests)."""
+
+    def __init__(self) -> None:
+        self.target: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.target is not None, "no app installed for this test"
+        await self.target(scope, receive, send)
 
 
 def all_summaries(events: Sequence[pb.HandoffEvent]) -> list[tuple[object, ...]]:

@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from support import Dispatch
 
 from service.brevo.client import AgentIdentity, BrevoClient, RetryPolicy, retry_delay
 from service.brevo.sandbox import BrevoSandbox, Fault
@@ -50,17 +50,6 @@ class RecordingSleep:
 
     async def __call__(self, delay: float) -> None:
         self.delays.append(delay)
-
-
-class Dispatch:
-    """An ASGI app that forwards to the current test's app (the servers outlive tests)."""
-
-    def __init__(self) -> None:
-        self.target: ASGIApp | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        assert self.target is not None, "no app installed for this test"
-        await self.target(scope, receive, send)
 
 
 @dataclass

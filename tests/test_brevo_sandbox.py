@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from support import Dispatch
 
 from service.brevo.client import AgentIdentity, BrevoClient
 from service.brevo.sandbox import (
@@ -139,17 +139,6 @@ def message(value: object) -> Mapping[str, object]:
 def messages(value: object) -> list[Mapping[str, object]]:
     assert isinstance(value, list)
     return [message(item) for item in value]
-
-
-class Dispatch:
-    """An ASGI app that forwards to the current test's app (the servers outlive tests)."""
-
-    def __init__(self) -> None:
-        self.target: ASGIApp | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        assert self.target is not None, "no app installed for this test"
-        await self.target(scope, receive, send)
 
 
 @dataclass

@@ -381,3 +381,29 @@ async def test_a_cursor_that_is_not_ours_is_an_invalid_argument(harness: Harness
         error = await rpc_error(harness.collect(handoff.id, 1, after_cursor=cursor))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (error.details() or "").startswith("after_cursor:")
+
+
+async def test_an_opening_that_failed_is_finished_by_retrying_start_handoff(
+    harness: Harness,
+) -> None:
+    harness.sandbox.inject_faults(*[Fault(status=500)] * 4)
+    error = await rpc_error(harness.stub.StartHandoff(pb.StartHandoffRequest(conversation_id="o")))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    # The handoff exists but the agent has not been told: sending is refused until it is.
+    handoff = await harness.running.store.find_open_by_conversation("o")
+    assert handoff is not None
+    assert harness.sandbox.messages(handoff.visitor_id) == []
+    refused = await rpc_error(
+        harness.stub.SendMessage(
+            pb.SendMessageRequest(handoff_id=handoff.id, client_message_id="1", text="hi")
+        )
+    )
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "StartHandoff" in (refused.details() or "")
+    retried = await harness.stub.StartHandoff(pb.StartHandoffRequest(conversation_id="o"))
+    assert (retried.handoff.id, retried.created) == (handoff.id, False)
+    assert texts(harness, handoff.visitor_id) == ["*New handoff request*\nUser: (name not given)"]
+    await harness.stub.SendMessage(
+        pb.SendMessageRequest(handoff_id=handoff.id, client_message_id="1", text="hi")
+    )
+    assert texts(harness, handoff.visitor_id)[-1] == "Botpress User: hi"

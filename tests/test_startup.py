@@ -44,8 +44,9 @@ def base_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-async def run_to_exit(env: dict[str, str], timeout_s: float = 30) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
+async def start_process(env: dict[str, str]) -> asyncio.subprocess.Process:
+    """``python -m service`` with stdout and stderr merged into one pipe."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "service",
@@ -54,6 +55,10 @@ async def run_to_exit(env: dict[str, str], timeout_s: float = 30) -> tuple[int, 
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+
+
+async def run_to_exit(env: dict[str, str], timeout_s: float = 30) -> tuple[int, str]:
+    proc = await start_process(env)
     out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
     assert proc.returncode is not None
     return proc.returncode, out.decode()
@@ -127,15 +132,7 @@ async def test_without_a_key_it_says_it_uses_the_sandbox_and_stops_on_sigterm(
     tmp_path: Path,
 ) -> None:
     env = base_env(tmp_path)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    proc = await start_process(env)
     assert proc.stdout is not None
     lines: list[str] = []
     try:
@@ -167,15 +164,7 @@ async def test_no_secret_reaches_a_log_line(
         HANDOFF_LOG_LEVEL="DEBUG",
     )
     sandbox.set_webhook_url(f"http://127.0.0.1:{env['HANDOFF_HTTP_PORT']}/webhooks/brevo/{TOKEN}")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    proc = await start_process(env)
     assert proc.stdout is not None
     lines: list[str] = []
     try:
