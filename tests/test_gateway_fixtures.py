@@ -188,3 +188,13 @@ async def test_a_fragment_without_visitor_is_routed_by_its_conversation_id(
         "Marta",
         "Are you still there?",
     )
+
+
+async def test_dropped_messages_are_counted_by_reason(harness: Harness) -> None:
+    handoff = await harness.start_handoff()
+    await harness.settle()
+    stats = harness.running.manager.stats
+    before = {k: stats[f"messages_dropped_{k}"] for k in ("visitor", "pushed", "duplicate")}
+    await harness.post(fixture("fragment_batch_unordered.json", handoff.visitor_id))
+    after = {k: stats[f"messages_dropped_{k}"] for k in ("visitor", "pushed", "duplicate")}
+    assert {k: after[k] - before[k] for k in after} == {"visitor": 1, "pushed": 1, "duplicate": 1}

@@ -304,9 +304,8 @@ class HandoffManager:
                     identity=self.settings.identity,
                     now_ms=self._now(),
                 )
-                for reason, count in plan.dropped.items():
-                    self.stats[f"messages_dropped_{reason}"] += count
                 if not plan.changes_anything and plan.handoff == current:
+                    self._count_dropped(plan.dropped)
                     self.stats["webhooks_duplicate"] += 1
                     return WebhookOutcome("duplicate", 0, current.id)
                 try:
@@ -320,12 +319,17 @@ class HandoffManager:
                     )
                 except errors.ConcurrentUpdate:
                     continue
+                self._count_dropped(plan.dropped)
                 self.stats["webhooks_stored"] += 1
                 self.stats["messages_from_agent"] += sum(
                     1 for e in plan.events if isinstance(e.payload, AgentMessage)
                 )
                 return WebhookOutcome("stored", len(stored), current.id)
         raise errors.StoreUnavailable("the handoff kept changing; retry the webhook")
+
+    def _count_dropped(self, dropped: Counter[str]) -> None:
+        for reason, count in dropped.items():
+            self.stats[f"messages_dropped_{reason}"] += count
 
     async def _route(self, event: WebhookEvent) -> Handoff | None:
         if event.visitor_id:
