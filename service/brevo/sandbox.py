@@ -174,6 +174,20 @@ def _agent_entry(agent: Mapping[str, str]) -> AgentEntry:
     return {"id": agent_id, "name": name, "email": email, "userpic": agent.get("userpic") or None}
 
 
+def _agent_message(entry: AgentEntry, text: str) -> Message:
+    """A new agent message as Brevo stores it (webhook spelling)."""
+    return {
+        "id": _random_id(),
+        "type": "agent",
+        "text": text,
+        "html": text,
+        "createdAt": _now_ms(),
+        "agentId": entry["id"],
+        "agentName": entry["name"],
+        "agentUserpic": entry["userpic"],
+    }
+
+
 @dataclass
 class _Visitor:
     """A visitor's thread; a chat is the part of it since it was last opened."""
@@ -314,19 +328,9 @@ class BrevoSandbox:
         """
         entry = _agent_entry(agent if agent is not None else SANDBOX_AGENT)
         self._remember_agent(entry)
-        message_id = _random_id()
-        message: Message = {
-            "id": message_id,
-            "type": "agent",
-            "text": text,
-            "html": text,
-            "createdAt": _now_ms(),
-            "agentId": entry["id"],
-            "agentName": entry["name"],
-            "agentUserpic": entry["userpic"],
-        }
+        message = _agent_message(entry, text)
         if file is not None:
-            message["file"] = self._file_object(message_id, text, file)
+            message["file"] = self._file_object(str(message["id"]), text, file)
         self._add_message(self._visitor(visitor_id), message, entry, answer_sent=None)
         return copy.deepcopy(message)
 
@@ -449,16 +453,7 @@ class BrevoSandbox:
         text = str(body["text"])
         received_from = body.get("receivedFrom")
         entry = self._api_agent(body)
-        message: Message = {
-            "id": _random_id(),
-            "type": "agent",
-            "text": text,
-            "html": text,
-            "createdAt": _now_ms(),
-            "agentId": entry["id"],
-            "agentName": entry["name"],
-            "agentUserpic": entry["userpic"],
-        }
+        message = _agent_message(entry, text)
         if isinstance(received_from, str) and received_from:
             message["receivedFrom"] = received_from
         visitor = self._visitor(visitor_id)

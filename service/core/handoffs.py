@@ -293,8 +293,10 @@ class HandoffManager:
             self.stats["webhooks_unknown_visitor"] += 1
             return WebhookOutcome("unknown_visitor")
         async with self._locks.hold(f"inbound:{handoff.id}"):
-            for _ in range(COMMIT_ATTEMPTS):
-                current = await self._get(handoff.id)
+            for attempt in range(COMMIT_ATTEMPTS):
+                # The record read to route the webhook serves the first attempt; a retry
+                # after a concurrent update re-reads it.
+                current = handoff if attempt == 0 else await self._get(handoff.id)
                 ids = [m.id for m in event.messages]
                 plan = plan_inbound(
                     current,

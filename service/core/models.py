@@ -94,9 +94,6 @@ class Handoff:
     def opening_complete(self) -> bool:
         return self.opening_posted >= len(self.opening_parts)
 
-    def agent(self, agent_id: str) -> Agent | None:
-        return next((a for a in self.agents if a.id == agent_id), None)
-
 
 # --- Event payloads: what a stream carries -------------------------------------------------
 

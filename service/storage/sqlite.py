@@ -213,7 +213,7 @@ class SqliteStore:
                         h.brevo_conversation_id,
                         commit.expected_version + 1,
                         handoff_to_json(
-                            _with_version(h, commit.expected_version + 1),
+                            dataclasses.replace(h, version=commit.expected_version + 1)
                         ),
                         h.id,
                         commit.expected_version,
@@ -350,7 +350,3 @@ class SqliteStore:
             await self._run(close)
         finally:
             self._executor.shutdown(wait=True)
-
-
-def _with_version(handoff: Handoff, version: int) -> Handoff:
-    return dataclasses.replace(handoff, version=version)
