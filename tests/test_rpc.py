@@ -36,6 +36,28 @@ def test_wire_names_are_the_proto_package() -> None:
     ]
 
 
+async def test_the_server_answers_on_the_wire_path_other_languages_call(
+    harness: Harness,
+) -> None:
+    # Stubs in Node, Go or Java call the path from the proto, not from our Python modules:
+    # a raw call on that literal path must reach the servicer.
+    handoff = await harness.start_handoff()
+    get = harness.channel.unary_unary(
+        "/handoff.v1.HandoffService/GetHandoff",
+        request_serializer=pb.GetHandoffRequest.SerializeToString,
+        response_deserializer=pb.GetHandoffResponse.FromString,
+    )
+    response = await get(pb.GetHandoffRequest(handoff_id=handoff.id))
+    assert response.handoff.id == handoff.id
+    wrong = harness.channel.unary_unary(
+        "/service.rpc.generated.handoff.v1.HandoffService/GetHandoff",
+        request_serializer=pb.GetHandoffRequest.SerializeToString,
+        response_deserializer=pb.GetHandoffResponse.FromString,
+    )
+    error = await rpc_error(wrong(pb.GetHandoffRequest(handoff_id=handoff.id)))
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 async def test_start_handoff_posts_the_opening_message(harness: Harness) -> None:
     response = await harness.stub.StartHandoff(
         pb.StartHandoffRequest(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.core.errors import ConcurrentUpdate
+from service.core.errors import ConcurrentUpdate, StoreUnavailable
 from service.core.models import (
     Agent,
     AgentMessage,
@@ -185,6 +185,14 @@ async def test_everything_survives_reopening(opener: Opener) -> None:
     later, _ = await reopened.create_handoff(handoff(2))
     new = await reopened.commit(Commit(later, 0, events=(NewEvent(1, NoAgentAvailable()),)))
     assert new[0].seq > stored[0].seq  # positions are never reused
+
+
+async def test_ping_answers_while_open_and_fails_clearly_once_closed(opener: Opener) -> None:
+    store = await opener()
+    await store.ping()
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await store.ping()
 
 
 async def test_pending_before(opener: Opener) -> None:
