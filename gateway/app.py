@@ -90,11 +90,21 @@ def create_gateway(manager: HandoffManager, token: str, max_body_bytes: int) -> 
         return JSONResponse({"outcome": outcome.outcome, "events": outcome.events})
 
     async def healthz(request: Request) -> Response:
+        """Liveness: the process answers. Never depends on Redis or Brevo."""
         return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        """Readiness: the store answers (and, on Redis, this replica's event feed is live)."""
+        try:
+            await manager.check_ready()
+        except errors.HandoffError as exc:
+            return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     return Starlette(
         routes=[
             Route("/webhooks/brevo/{token}", brevo_webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
         ]
     )

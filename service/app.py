@@ -17,8 +17,10 @@ from service.config import Config
 from service.core import errors
 from service.core.handoffs import HandoffManager, HandoffSettings
 from service.core.inbound import ServiceIdentity
+from service.core.ports import HandoffStore, Locks
 from service.http_server import RunningHttpServer, start_http_server
 from service.rpc.server import create_server
+from service.storage.redis_store import RedisSettings, RedisStore, describe_url
 from service.storage.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ class StartupError(Exception):
 class RunningService:
     config: Config
     manager: HandoffManager
-    store: SqliteStore
+    store: HandoffStore
     brevo: BrevoClient
     grpc_server: grpc.aio.Server
     grpc_port: int
@@ -72,6 +74,28 @@ class RunningService:
             await self.sandbox_http.stop(grace_s)
 
 
+async def open_store(config: Config) -> tuple[HandoffStore, Locks | None]:
+    """Redis when REDIS_URL is set (with leases shared by the replicas), else SQLite."""
+    if config.redis_url:
+        redis_store = await RedisStore.open(
+            RedisSettings(
+                url=config.redis_url.reveal(),
+                prefix=config.redis_key_prefix,
+                retention_s=config.redis_retention_s,
+                stream_maxlen=config.redis_stream_maxlen,
+                all_stream_maxlen=config.redis_all_stream_maxlen,
+            )
+        )
+        log.info("state in Redis at %s", describe_url(config.redis_url.reveal()))
+        return redis_store, redis_store.locks()
+    try:
+        sqlite_store = await SqliteStore.open(config.sqlite_path, config.sqlite_synchronous)
+    except errors.StoreUnavailable as exc:
+        raise StartupError(f"cannot open HANDOFF_SQLITE_PATH={config.sqlite_path}: {exc}") from None
+    log.info("state in SQLite at %s", config.sqlite_path)
+    return sqlite_store, None
+
+
 async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> RunningService:
     """Starts everything ``config`` describes and returns once both servers accept traffic."""
     sandbox: BrevoSandbox | None = None
@@ -101,7 +125,7 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
         timeout_s=config.brevo_timeout_s,
         retry=retry or RetryPolicy(max_attempts=config.brevo_max_attempts),
     )
-    store: SqliteStore | None = None
+    store: HandoffStore | None = None
     try:
         try:
             account = await brevo.check_account()
@@ -110,12 +134,7 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
             raise StartupError(str(exc)) from None
         except errors.BrevoUnavailable as exc:
             log.warning("Brevo could not be reached at start-up; continuing: %s", exc)
-        try:
-            store = await SqliteStore.open(config.sqlite_path, config.sqlite_synchronous)
-        except errors.StoreUnavailable as exc:
-            raise StartupError(
-                f"cannot open HANDOFF_SQLITE_PATH={config.sqlite_path}: {exc}"
-            ) from None
+        store, locks = await open_store(config)
         manager = HandoffManager(
             store,
             brevo,
@@ -129,6 +148,7 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
                 heartbeat_s=config.heartbeat_s,
                 stream_buffer=config.stream_buffer,
             ),
+            locks=locks,
         )
         try:
             grpc_server, grpc_port = await create_server(manager, config.host, config.grpc_port)

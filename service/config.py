@@ -11,6 +11,7 @@ import os
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 DEFAULT_BREVO_URL = "https://api.brevo.com/v3"
 
@@ -118,6 +119,39 @@ SETTINGS: tuple[Setting, ...] = (
         "SQLite synchronous mode: NORMAL survives a process crash; FULL also a power cut.",
     ),
     Setting(
+        "REDIS_URL",
+        "--redis-url",
+        None,
+        "Keep state in Redis (redis://[:password@]host:6379/0, rediss:// for TLS) so that "
+        "several replicas share it. Unset: SQLite.",
+    ),
+    Setting(
+        "REDIS_KEY_PREFIX",
+        "--redis-key-prefix",
+        "{handoff}",
+        "Prefix of every Redis key; keep the {braces}: Redis Cluster then keeps all keys on "
+        "one slot.",
+    ),
+    Setting(
+        "REDIS_RETENTION_SECONDS",
+        "--redis-retention-seconds",
+        str(7 * 24 * 3600),
+        "How long a handoff's record, events and seen/sent message ids stay in Redis after "
+        "its last change.",
+    ),
+    Setting(
+        "REDIS_STREAM_MAXLEN",
+        "--redis-stream-maxlen",
+        "10000",
+        "Events kept per handoff stream (XADD MAXLEN ~); older cursors get OUT_OF_RANGE.",
+    ),
+    Setting(
+        "REDIS_ALL_STREAM_MAXLEN",
+        "--redis-all-stream-maxlen",
+        "100000",
+        "Events kept in the stream of all handoffs (XADD MAXLEN ~).",
+    ),
+    Setting(
         "HANDOFF_USER_PREFIX",
         "--user-prefix",
         "Botpress User: ",
@@ -199,6 +233,11 @@ class Config:
     http_port: int
     sqlite_path: str
     sqlite_synchronous: str
+    redis_url: Secret
+    redis_key_prefix: str
+    redis_retention_s: float
+    redis_stream_maxlen: int
+    redis_all_stream_maxlen: int
     user_prefix: str
     closing_notice: str
     agent_timeout_s: float
@@ -218,7 +257,11 @@ class Config:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in a log line."""
-        return tuple(s.reveal() for s in (self.brevo_api_key, self.webhook_token) if s)
+        found = [s.reveal() for s in (self.brevo_api_key, self.webhook_token) if s]
+        password = urlsplit(self.redis_url.reveal()).password if self.redis_url else None
+        if password:
+            found += [password, unquote(password)]
+        return tuple(dict.fromkeys(found))
 
 
 def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Config:
@@ -287,6 +330,14 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
     sandbox_agent = text("SANDBOX_AGENT").lower()
     if sandbox_agent not in ("on", "off"):
         raise ConfigError("SANDBOX_AGENT must be on or off")
+    redis_url = text("REDIS_URL").strip()
+    if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            "REDIS_URL must start with redis://, rediss:// or unix:// (e.g. redis://redis:6379/0)"
+        )
+    prefix = text("REDIS_KEY_PREFIX")
+    if not prefix or any(ch.isspace() for ch in prefix):
+        raise ConfigError("REDIS_KEY_PREFIX must be non-empty, without spaces")
     base_url = text("BREVO_BASE_URL").rstrip("/")
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"BREVO_BASE_URL={base_url!r} must start with http:// or https://")
@@ -306,6 +357,11 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
         http_port=int(number("HANDOFF_HTTP_PORT", int, 0, 65535)),
         sqlite_path=text("HANDOFF_SQLITE_PATH"),
         sqlite_synchronous=synchronous,
+        redis_url=Secret(redis_url),
+        redis_key_prefix=prefix,
+        redis_retention_s=number("REDIS_RETENTION_SECONDS", float, 60, 366 * 24 * 3600),
+        redis_stream_maxlen=int(number("REDIS_STREAM_MAXLEN", int, 100, 10_000_000)),
+        redis_all_stream_maxlen=int(number("REDIS_ALL_STREAM_MAXLEN", int, 100, 100_000_000)),
         user_prefix=raw["HANDOFF_USER_PREFIX"] or "",
         closing_notice=text("HANDOFF_CLOSING_NOTICE"),
         agent_timeout_s=number("HANDOFF_AGENT_TIMEOUT_SECONDS", float, 0, 7 * 24 * 3600),

@@ -59,6 +59,14 @@ class StreamOverflow(HandoffError):
     """A stream's reader fell too far behind. Reconnect with the last cursor received."""
 
 
+class CursorExpired(HandoffError):
+    """The cursor names a position the event log no longer holds (trimmed) or never held.
+
+    Reconnect without a cursor: a one-handoff stream then replays what the log still holds,
+    the all-handoffs stream starts from now.
+    """
+
+
 class InvalidCursor(InvalidArgument):
     def __init__(self, cursor: str) -> None:
         super().__init__(

@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from service.core.errors import HandoffError
 from service.core.models import StoredEvent
 
 
 @dataclass(eq=False)
 class Subscription:
-    """One stream's buffer. ``overflowed`` turns true when the reader fell behind the bound."""
+    """One stream's buffer.
+
+    ``overflowed`` turns true when the reader fell behind the bound; ``error`` is set when
+    live delivery to this process was interrupted (the store's event feed broke). Either
+    way the buffer can no longer be trusted to hold every event. A ``None`` in the queue
+    only wakes the reader up to look at ``error``.
+    """
 
     handoff_id: str | None
-    queue: asyncio.Queue[StoredEvent] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[StoredEvent | None] = field(default_factory=asyncio.Queue)
     overflowed: bool = False
+    error: HandoffError | None = None
+
+    @property
+    def broken(self) -> bool:
+        return self.overflowed or self.error is not None
 
     def reset(self) -> None:
         """Forgets the buffer (the caller re-reads from the store instead)."""
         while not self.queue.empty():
             self.queue.get_nowait()
         self.overflowed = False
+        self.error = None
 
 
 class EventHub:
@@ -61,9 +75,20 @@ class EventHub:
     def publish(self, events: Sequence[StoredEvent]) -> None:
         for event in events:
             for sub in (*self._everything, *self._by_handoff.get(event.handoff_id, ())):
-                if sub.overflowed:
+                if sub.broken:
                     continue
                 try:
                     sub.queue.put_nowait(event)
                 except asyncio.QueueFull:
                     sub.overflowed = True
+
+    def interrupt(self, error: HandoffError) -> None:
+        """Live delivery stopped: every current subscription learns ``error`` at once."""
+        subs = [*self._everything, *(s for group in self._by_handoff.values() for s in group)]
+        for sub in subs:
+            if sub.broken:
+                continue
+            sub.error = error
+            # The None wakes a reader waiting on an empty queue; a full one wakes it anyway.
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)

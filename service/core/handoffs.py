@@ -32,7 +32,7 @@ from service.core.models import (
     decode_cursor,
 )
 from service.core.outbound import opening_parts, user_message_text
-from service.core.ports import BrevoApi, HandoffStore
+from service.core.ports import BrevoApi, HandoffStore, Locks
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +103,30 @@ class HandoffManager:
         *,
         clock_ms: Callable[[], int] = wall_clock_ms,
         make_id: Callable[[str], str] = new_id,
+        locks: Locks | None = None,
     ) -> None:
+        """``locks`` must exclude every process sharing ``store``; the default, in-process
+        locks, suit a store only this process uses."""
         self._store = store
         self._brevo = brevo
         self.settings = settings
         self._now = clock_ms
         self._make_id = make_id
         self._hub = EventHub(settings.stream_buffer)
+        # In-process locks only spare needless store conflicts; correctness across processes
+        # comes from the store's versioned commits and from ``_exclusive`` around Brevo posts.
         self._locks = KeyedLocks()
+        self._exclusive: Locks = locks if locks is not None else KeyedLocks()
         self.stats: Counter[str] = Counter()
-        store.set_listener(self._hub.publish)
+        store.set_listener(self._hub.publish, self._hub.interrupt)
 
     @property
     def open_streams(self) -> int:
         return self._hub.subscriber_count
+
+    async def check_ready(self) -> None:
+        """Raises StoreUnavailable while this process cannot serve (its store is out of reach)."""
+        await self._store.ping()
 
     # --- StartHandoff ---------------------------------------------------------------------
 
@@ -159,7 +169,7 @@ class HandoffManager:
             return await self._post_opening(existing.id), created
 
     async def _post_opening(self, handoff_id: str) -> Handoff:
-        async with self._locks.hold(f"send:{handoff_id}"):
+        async with self._exclusive.hold(f"send:{handoff_id}"):
             handoff = await self._get(handoff_id)
             while not handoff.opening_complete and handoff.is_open:
                 part = handoff.opening_parts[handoff.opening_posted]
@@ -187,7 +197,7 @@ class HandoffManager:
                 f"{self.settings.max_text_chars}",
             )
         _check_attachments(attachments)
-        async with self._locks.hold(f"send:{handoff_id}"):
+        async with self._exclusive.hold(f"send:{handoff_id}"):
             handoff = await self._get(handoff_id)
             already = await self._store.client_message(handoff_id, client_message_id)
             if already is not None:
@@ -219,7 +229,7 @@ class HandoffManager:
         _require_id("handoff_id", handoff_id)
         if len(notice) > self.settings.max_text_chars:
             raise errors.InvalidArgument("notice", f"at most {self.settings.max_text_chars} chars")
-        async with self._locks.hold(f"send:{handoff_id}"):
+        async with self._exclusive.hold(f"send:{handoff_id}"):
             handoff = await self._get(handoff_id)
             if not handoff.is_open:
                 return handoff
@@ -243,7 +253,7 @@ class HandoffManager:
             return 0
         expired = 0
         for candidate in await self._store.pending_before(self._now() - timeout_ms):
-            async with self._locks.hold(f"send:{candidate.id}"):
+            async with self._exclusive.hold(f"send:{candidate.id}"):
                 handoff = await self._get(candidate.id)
                 if handoff.state is not HandoffState.PENDING_AGENT:
                     continue
@@ -362,6 +372,13 @@ class HandoffManager:
             await self._get(handoff_id)
             if after is None:
                 after = 0
+        if after:
+            newest = await self._store.last_seq()
+            if after > newest:
+                raise errors.CursorExpired(
+                    f"after_cursor {after_cursor!r} is beyond the newest event ({newest}): the "
+                    "event log was reset; reconnect without after_cursor"
+                )
         return self._follow(handoff_id or None, after)
 
     async def _follow(
@@ -379,27 +396,29 @@ class HandoffManager:
                     last = event.seq
                     if handoff_id and isinstance(event.payload, HandoffEnded):
                         return
-                if sub.overflowed:
+                if sub.broken:
                     sub.reset()  # still catching up from the store: the buffer is not needed
                     continue
                 if len(page) < self.settings.replay_page:
                     break
             while True:
+                if sub.error is not None:
+                    raise sub.error
                 if sub.overflowed:
                     raise errors.StreamOverflow(
                         f"this stream fell more than {self.settings.stream_buffer} events "
                         "behind; reconnect with after_cursor set to the last cursor received"
                     )
                 try:
-                    event = await asyncio.wait_for(sub.queue.get(), self.settings.heartbeat_s)
+                    live = await asyncio.wait_for(sub.queue.get(), self.settings.heartbeat_s)
                 except TimeoutError:
                     yield Heartbeat(self._now())
                     continue
-                if event.seq <= last:
-                    continue
-                yield event
-                last = event.seq
-                if handoff_id and isinstance(event.payload, HandoffEnded):
+                if live is None or live.seq <= last:
+                    continue  # a wake-up call, or already replayed from the store
+                yield live
+                last = live.seq
+                if handoff_id and isinstance(live.payload, HandoffEnded):
                     return
         finally:
             self._hub.unsubscribe(sub)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
+from service.core.errors import HandoffError
 from service.core.models import Commit, Handoff, SentMessage, StoredEvent
 
 EventListener = Callable[[Sequence[StoredEvent]], None]
+InterruptListener = Callable[[HandoffError], None]
 
 
 class BrevoApi(Protocol):
@@ -26,12 +29,15 @@ class BrevoApi(Protocol):
 class HandoffStore(Protocol):
     """Handoffs, the event log, seen/sent message ids and client message ids.
 
-    Every committed event is handed to the listener, in log order, exactly once per
-    process, so live subscribers see what the log holds and nothing else.
+    Every committed event, whichever process committed it, is handed to the listener in
+    log order, exactly once per process, so live subscribers see what the log holds and
+    nothing else. When that feed breaks (a shared backend became unreachable, or events
+    were trimmed before this process saw them) ``on_interrupt`` is called instead, so that
+    live streams end and resume from the log rather than silently miss events.
     Raises StoreUnavailable when the backend cannot be reached.
     """
 
-    def set_listener(self, listener: EventListener) -> None: ...
+    def set_listener(self, listener: EventListener, on_interrupt: InterruptListener) -> None: ...
 
     async def create_handoff(self, handoff: Handoff) -> tuple[Handoff, bool]:
         """Stores a new handoff unless one is already open for its conversation_id.
@@ -67,7 +73,11 @@ class HandoffStore(Protocol):
     async def read_events(
         self, handoff_id: str | None, after_seq: int, limit: int
     ) -> list[StoredEvent]:
-        """Events after ``after_seq`` (one handoff's, or all), oldest first."""
+        """Events after ``after_seq`` (one handoff's, or all), oldest first.
+
+        ``after_seq`` 0 reads from the oldest event still held. Raises CursorExpired when
+        events after a non-zero ``after_seq`` were trimmed from the log.
+        """
         ...
 
     async def last_seq(self) -> int:
@@ -83,3 +93,13 @@ class HandoffStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class Locks(Protocol):
+    """Mutual exclusion by key, across every process that shares the store.
+
+    Held around calls to Brevo that must happen once (the opening message, a client's
+    message, the closing notice), so that two replicas never both post.
+    """
+
+    def hold(self, key: str) -> AbstractAsyncContextManager[None]: ...

@@ -38,6 +38,8 @@ def status_for(exc: errors.HandoffError) -> grpc.StatusCode:
             return grpc.StatusCode.UNAVAILABLE
         case errors.ConcurrentUpdate():
             return grpc.StatusCode.ABORTED
+        case errors.CursorExpired():
+            return grpc.StatusCode.OUT_OF_RANGE
     return grpc.StatusCode.INTERNAL
 
 

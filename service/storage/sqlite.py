@@ -23,7 +23,7 @@ from service.core.codec import (
 )
 from service.core.errors import ConcurrentUpdate, StoreUnavailable
 from service.core.models import Commit, Handoff, HandoffState, StoredEvent
-from service.core.ports import EventListener
+from service.core.ports import EventListener, InterruptListener
 
 T = TypeVar("T")
 
@@ -106,7 +106,8 @@ class SqliteStore:
         conn.executescript(SCHEMA)
         self._conn = conn
 
-    def set_listener(self, listener: EventListener) -> None:
+    def set_listener(self, listener: EventListener, on_interrupt: InterruptListener) -> None:
+        """``on_interrupt`` is never called: commits and delivery happen in this process."""
         self._listener = listener
 
     async def _run(self, fn: Callable[[], T]) -> T:

@@ -1,0 +1,156 @@
+"""The Lua scripts of the Redis store. Each runs atomically on the Redis server.
+
+Every key a script touches is passed in KEYS (all share one hash tag, so Redis Cluster
+keeps them on one slot). Writes come after every check, so a script either changes
+nothing or does all of its work.
+"""
+
+from __future__ import annotations
+
+# KEYS: 1 conversation -> open handoff, 2 handoff hash, 3 visitor -> handoff, 4 pending zset
+# ARGV: 1 id, 2 record JSON, 3 version, 4 created_at_ms, 5 retention ms, 6 '1' when pending
+# Returns the id of the conversation's open handoff: ARGV[1] when this call created it.
+CREATE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  return current
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[5])
+redis.call('HSET', KEYS[2], 'rec', ARGV[2], 'v', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[5])
+if ARGV[6] == '1' then
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+end
+return ARGV[1]
+"""
+
+# Removes a conversation's pointer to a handoff that no longer exists (expired record).
+# KEYS: 1 conversation key. ARGV: 1 the stale handoff id.
+RELEASE_CONVERSATION = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: 1 handoff hash, 2 conversation key, 3 visitor key, 4 Brevo conversation key,
+#       5 pending zset, 6 seen set, 7 sent set, 8 client hash, 9 handoff stream,
+#       10 all-events stream, 11 sequence counter
+# ARGV: 1 expected version, 2 new version, 3 record JSON, 4 state, 5 handoff id,
+#       6 created_at_ms, 7 Brevo conversation id ('' = none), 8 commit token,
+#       9 retention ms, 10 handoff stream MAXLEN, 11 all-events MAXLEN, 12 conversation id,
+#       13 number of events, then (occurred_at_ms, payload JSON) per event,
+#       then the number of seen ids and the ids, the number of sent ids and the ids,
+#       then client_message_id and brevo_message_id ('' '' = none).
+# Returns {'ok', seqs} or {'done', seqs} (this commit token already applied: a resent
+# command after a lost reply), {'conflict'} or {'missing'}; seqs is "1,2,3".
+COMMIT = """
+local version = redis.call('HGET', KEYS[1], 'v')
+if not version then
+  return {'missing'}
+end
+if version ~= ARGV[1] then
+  if redis.call('HGET', KEYS[1], 'lc') == ARGV[8] then
+    return {'done', redis.call('HGET', KEYS[1], 'ls')}
+  end
+  return {'conflict'}
+end
+local id = ARGV[5]
+local ttl = ARGV[9]
+local seqs = {}
+local i = 14
+for _ = 1, tonumber(ARGV[13]) do
+  local seq = redis.call('INCR', KEYS[11])
+  local entry = '0-' .. seq
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[10], entry,
+    'h', id, 'c', ARGV[12], 't', ARGV[i], 'p', ARGV[i + 1])
+  redis.call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[11], entry,
+    'h', id, 'c', ARGV[12], 't', ARGV[i], 'p', ARGV[i + 1])
+  seqs[#seqs + 1] = string.format('%d', seq)
+  i = i + 2
+end
+local seen = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, seen do
+  redis.call('SADD', KEYS[6], ARGV[i])
+  i = i + 1
+end
+local sent = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, sent do
+  redis.call('SADD', KEYS[7], ARGV[i])
+  i = i + 1
+end
+if ARGV[i] ~= '' then
+  redis.call('HSETNX', KEYS[8], ARGV[i], ARGV[i + 1])
+end
+local applied = table.concat(seqs, ',')
+redis.call('HSET', KEYS[1], 'rec', ARGV[3], 'v', ARGV[2], 'lc', ARGV[8], 'ls', applied)
+local owner = redis.call('GET', KEYS[2])
+if ARGV[4] == 'ENDED' then
+  if owner == id then
+    redis.call('DEL', KEYS[2])
+  end
+elseif owner == id then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+elseif not owner then
+  redis.call('SET', KEYS[2], id, 'PX', ttl)
+end
+if ARGV[4] == 'PENDING_AGENT' then
+  redis.call('ZADD', KEYS[5], ARGV[6], id)
+else
+  redis.call('ZREM', KEYS[5], id)
+end
+if ARGV[7] ~= '' then
+  local newest = redis.call('GET', KEYS[4])
+  local created = tonumber(ARGV[6])
+  if (not newest) or tonumber(string.match(newest, '^(%d+):')) <= created then
+    redis.call('SET', KEYS[4], ARGV[6] .. ':' .. id, 'PX', ttl)
+  end
+end
+for _, key in ipairs({KEYS[1], KEYS[3], KEYS[6], KEYS[7], KEYS[8], KEYS[9]}) do
+  redis.call('PEXPIRE', key, ttl)
+end
+return {'ok', applied}
+"""
+
+# KEYS: 1 a stream. ARGV: 1 XRANGE start ('-' or '(0-N'), 2 count, 3 the reader's position.
+# Returns {trimmed, entries}: trimmed is '1' when entries after the position were trimmed.
+READ = """
+local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+local trimmed = '0'
+local after = tonumber(ARGV[3])
+if after > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  local found = false
+  for j = 1, #info, 2 do
+    if info[j] == 'max-deleted-entry-id' then
+      found = true
+      local deleted = tonumber(string.match(info[j + 1], '-(%d+)$'))
+      if deleted > after then
+        trimmed = '1'
+      end
+    end
+  end
+  if not found then
+    return redis.error_reply('the handoff service needs Redis 7.0 or newer')
+  end
+end
+return {trimmed, entries}
+"""
+
+# Leases (see redis_locks). KEYS: 1 lock key. ARGV: 1 owner token, 2 lease ms (RENEW).
+RENEW_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""

@@ -1,0 +1,509 @@
+"""The shared store: Redis, so that several replicas serve the same handoffs.
+
+Keys (``p`` is the prefix, a hash tag such as ``{handoff}`` so that Redis Cluster keeps
+every key on one slot, which the Lua scripts in ``redis_scripts`` need):
+
+    p:seq                  counter: the position of the newest event
+    p:events               stream of every event; entry id ``0-<position>``; MAXLEN ~
+    p:ev:<handoff>         stream of one handoff's events, with the same entry ids
+    p:h:<handoff>          hash: rec (the Handoff as JSON), v (version), lc/ls (last commit)
+    p:conv:<conversation>  the open handoff of a bot conversation (deleted when it ends)
+    p:visitor:<visitor>    the handoff of a Brevo visitor id
+    p:bconv:<chat>         "<created_at_ms>:<handoff>", the newest handoff in a Brevo chat
+    p:pending              sorted set of handoffs waiting for an agent, by created_at_ms
+    p:seen:<handoff>       Brevo message ids already handled
+    p:sent:<handoff>       Brevo message ids the service posted itself (echo suppression)
+    p:client:<handoff>     client_message_id -> Brevo message id
+    p:lock:<key>           leases, see ``redis_locks``
+
+A handoff's keys expire ``retention_s`` after its last change. Cursors name stream
+entries: ``c1.<n>`` resumes after entry ``0-<n>``. Each process tails ``p:events`` with a
+blocking XREAD (no consumer group: every replica must see every event) and hands what it
+reads to the listener, including the events it committed itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import RedisError
+
+from service.core.codec import (
+    handoff_from_json,
+    handoff_to_json,
+    payload_from_json,
+    payload_to_json,
+)
+from service.core.errors import ConcurrentUpdate, CursorExpired, StoreUnavailable, StreamOverflow
+from service.core.models import Commit, Handoff, HandoffState, StoredEvent
+from service.core.ports import EventListener, InterruptListener
+from service.storage import redis_scripts
+from service.storage.redis_locks import RedisLocks
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TAIL_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str
+    prefix: str = "{handoff}"
+    retention_s: float = 7 * 24 * 3600
+    stream_maxlen: int = 10_000
+    all_stream_maxlen: int = 100_000
+    timeout_s: float = 5.0
+    tail_block_s: float = 2.0
+
+
+def describe_url(url: str) -> str:
+    """``host:port/db`` of a Redis URL: safe to log (no user name, no password)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix:{parts.path}"
+    db = parts.path.lstrip("/") or "0"
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}/{db}"
+
+
+class RedisStore:
+    """HandoffStore on Redis. Open it with ``await RedisStore.open(settings)``.
+
+    Opening never fails because Redis is down: calls raise StoreUnavailable until it
+    answers, and ``ping`` says whether this process is ready.
+    """
+
+    def __init__(self, settings: RedisSettings) -> None:
+        self._settings = settings
+        self._where = describe_url(settings.url)
+        self._retention_ms = str(int(settings.retention_s * 1000))
+        p = settings.prefix
+        self._seq_key = f"{p}:seq"
+        self._events_key = f"{p}:events"
+        self._pending_key = f"{p}:pending"
+        # Few, quick retries: a caller must learn soon that Redis is gone. Commits are safe
+        # to resend (each carries a token the COMMIT script recognises).
+        self._redis = aioredis.Redis.from_url(
+            settings.url,
+            decode_responses=True,
+            socket_timeout=settings.timeout_s,
+            socket_connect_timeout=settings.timeout_s,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.2), 2),
+        )
+        # The tail blocks in XREAD; it gets its own connection and does its own retrying.
+        self._tail_redis = aioredis.Redis.from_url(
+            settings.url,
+            decode_responses=True,
+            socket_timeout=settings.tail_block_s + settings.timeout_s,
+            socket_connect_timeout=settings.timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._create = self._redis.register_script(redis_scripts.CREATE)
+        self._release_conversation = self._redis.register_script(redis_scripts.RELEASE_CONVERSATION)
+        self._commit = self._redis.register_script(redis_scripts.COMMIT)
+        self._read = self._redis.register_script(redis_scripts.READ)
+        self._listener: EventListener | None = None
+        self._on_interrupt: InterruptListener | None = None
+        self._tail_task: asyncio.Task[None] | None = None
+        self._feed_connected = False
+        self._feed_ready = asyncio.Event()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, settings: RedisSettings) -> RedisStore:
+        store = cls(settings)
+        try:
+            await store._check_server()
+        except RedisError as exc:
+            log.warning(
+                "Redis at %s is not answering yet (%s); not ready until it does", store._where, exc
+            )
+            reachable = False
+        else:
+            reachable = True
+        store._tail_task = asyncio.create_task(store._tail(), name="redis-event-tail")
+        if reachable:  # be ready on return, unless Redis went away meanwhile
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(store._feed_ready.wait(), settings.timeout_s)
+        return store
+
+    async def _check_server(self) -> None:
+        info = await self._redis.info("server")
+        version = str(info.get("redis_version", "0"))
+        if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < (7, 0):
+            log.error(
+                "Redis %s at %s is too old: the handoff service needs 7.0 or newer",
+                version,
+                self._where,
+            )
+        persistence = await self._redis.info("persistence")
+        if not int(persistence.get("aof_enabled", 0)):
+            log.warning(
+                "Redis at %s keeps no append-only file: if Redis restarts, handoffs and "
+                "events written since its last snapshot are lost (set appendonly yes)",
+                self._where,
+            )
+
+    def locks(self, lease_s: float = 10.0, wait_s: float = 30.0) -> RedisLocks:
+        """Leases on this Redis: mutual exclusion across every replica sharing it."""
+        return RedisLocks(self._redis, self._settings.prefix, self._where, lease_s, wait_s)
+
+    def set_listener(self, listener: EventListener, on_interrupt: InterruptListener) -> None:
+        self._listener = listener
+        self._on_interrupt = on_interrupt
+
+    @property
+    def feed_connected(self) -> bool:
+        """Whether this process is receiving the event feed right now."""
+        return self._feed_connected
+
+    async def _call(self, what: str, op: Awaitable[T]) -> T:
+        if self._closed:
+            if asyncio.iscoroutine(op):
+                op.close()
+            raise StoreUnavailable("the store is closed")
+        try:
+            return await op
+        except RedisError as exc:
+            raise StoreUnavailable(
+                f"Redis at {self._where} failed to {what}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    # --- keys -----------------------------------------------------------------------------
+
+    def _k(self, kind: str, name: str) -> str:
+        return f"{self._settings.prefix}:{kind}:{name}"
+
+    # --- handoffs -------------------------------------------------------------------------
+
+    async def create_handoff(self, handoff: Handoff) -> tuple[Handoff, bool]:
+        for _ in range(3):
+            owner = await self._call(
+                "create a handoff",
+                self._create(
+                    keys=[
+                        self._k("conv", handoff.conversation_id),
+                        self._k("h", handoff.id),
+                        self._k("visitor", handoff.visitor_id),
+                        self._pending_key,
+                    ],
+                    args=[
+                        handoff.id,
+                        handoff_to_json(handoff),
+                        handoff.version,
+                        handoff.created_at_ms,
+                        self._retention_ms,
+                        "1" if handoff.state is HandoffState.PENDING_AGENT else "0",
+                    ],
+                ),
+            )
+            if owner == handoff.id:
+                return handoff, True
+            existing = await self.get_handoff(str(owner))
+            if existing is not None and existing.is_open:
+                return existing, False
+            # The pointer outlived its handoff (expired): clear it and try again.
+            await self._call(
+                "release a conversation",
+                self._release_conversation(
+                    keys=[self._k("conv", handoff.conversation_id)], args=[str(owner)]
+                ),
+            )
+        raise StoreUnavailable(f"conversation {handoff.conversation_id} kept changing; retry")
+
+    async def get_handoff(self, handoff_id: str) -> Handoff | None:
+        record = await self._call(
+            "read a handoff", self._redis.hget(self._k("h", handoff_id), "rec")
+        )
+        return handoff_from_json(str(record)) if record else None
+
+    async def _by_pointer(self, key: str) -> Handoff | None:
+        handoff_id = await self._call("read an index", self._redis.get(key))
+        return await self.get_handoff(str(handoff_id)) if handoff_id else None
+
+    async def find_open_by_conversation(self, conversation_id: str) -> Handoff | None:
+        found = await self._by_pointer(self._k("conv", conversation_id))
+        return found if found is not None and found.is_open else None
+
+    async def find_by_visitor(self, visitor_id: str) -> Handoff | None:
+        return await self._by_pointer(self._k("visitor", visitor_id))
+
+    async def find_by_brevo_conversation(self, brevo_conversation_id: str) -> Handoff | None:
+        newest = await self._call(
+            "read an index", self._redis.get(self._k("bconv", brevo_conversation_id))
+        )
+        if not newest:
+            return None
+        return await self.get_handoff(str(newest).split(":", 1)[1])
+
+    async def pending_before(self, created_before_ms: int) -> list[Handoff]:
+        ids = [
+            str(i)
+            for i in await self._call(
+                "list pending handoffs",
+                self._redis.zrangebyscore(self._pending_key, "-inf", f"({created_before_ms}"),
+            )
+        ]
+        if not ids:
+            return []
+        records = await self._call(
+            "read handoffs",
+            _gather_hget(self._redis, [self._k("h", i) for i in ids], "rec"),
+        )
+        found: list[Handoff] = []
+        gone: list[str] = []
+        for handoff_id, record in zip(ids, records, strict=True):
+            if record is None:
+                gone.append(handoff_id)  # expired: forget it
+                continue
+            handoff = handoff_from_json(record)
+            if handoff.state is HandoffState.PENDING_AGENT:
+                found.append(handoff)
+        if gone:
+            await self._call("prune pending handoffs", self._redis.zrem(self._pending_key, *gone))
+        return sorted(found, key=lambda h: h.created_at_ms)
+
+    # --- the one write path ---------------------------------------------------------------
+
+    async def commit(self, commit: Commit) -> list[StoredEvent]:
+        h = commit.handoff
+        new_version = commit.expected_version + 1
+        args: list[str | int] = [
+            commit.expected_version,
+            new_version,
+            handoff_to_json(dataclasses.replace(h, version=new_version)),
+            h.state.value,
+            h.id,
+            h.created_at_ms,
+            h.brevo_conversation_id,
+            secrets.token_hex(12),
+            self._retention_ms,
+            self._settings.stream_maxlen,
+            self._settings.all_stream_maxlen,
+            h.conversation_id,
+            len(commit.events),
+        ]
+        for event in commit.events:
+            args += [event.occurred_at_ms, payload_to_json(event.payload)]
+        args += [len(commit.seen_message_ids), *commit.seen_message_ids]
+        args += [len(commit.sent_message_ids), *commit.sent_message_ids]
+        args += list(commit.client_message) if commit.client_message else ["", ""]
+        reply = await self._call(
+            "commit a change",
+            self._commit(
+                keys=[
+                    self._k("h", h.id),
+                    self._k("conv", h.conversation_id),
+                    self._k("visitor", h.visitor_id),
+                    self._k("bconv", h.brevo_conversation_id),
+                    self._pending_key,
+                    self._k("seen", h.id),
+                    self._k("sent", h.id),
+                    self._k("client", h.id),
+                    self._k("ev", h.id),
+                    self._events_key,
+                    self._seq_key,
+                ],
+                args=args,
+            ),
+        )
+        status = reply[0]
+        if status in ("conflict", "missing"):
+            raise ConcurrentUpdate(f"handoff {h.id} changed since it was read")
+        seqs = [int(s) for s in str(reply[1]).split(",") if s]
+        return [
+            StoredEvent(seq, h.id, h.conversation_id, event.occurred_at_ms, event.payload)
+            for seq, event in zip(seqs, commit.events, strict=True)
+        ]
+
+    # --- message ids ----------------------------------------------------------------------
+
+    async def seen_message_ids(self, handoff_id: str, ids: Sequence[str]) -> set[str]:
+        return await self._members("seen", handoff_id, ids)
+
+    async def sent_message_ids(self, handoff_id: str, ids: Sequence[str]) -> set[str]:
+        return await self._members("sent", handoff_id, ids)
+
+    async def _members(self, kind: str, handoff_id: str, ids: Sequence[str]) -> set[str]:
+        unique = list(dict.fromkeys(ids))
+        if not unique:
+            return set()
+        flags = await self._call(
+            "read message ids", self._redis.smismember(self._k(kind, handoff_id), unique)
+        )
+        return {m for m, known in zip(unique, flags, strict=True) if known}
+
+    async def client_message(self, handoff_id: str, client_message_id: str) -> str | None:
+        found = await self._call(
+            "read a client message id",
+            self._redis.hget(self._k("client", handoff_id), client_message_id),
+        )
+        return str(found) if found is not None else None
+
+    # --- the event log --------------------------------------------------------------------
+
+    async def read_events(
+        self, handoff_id: str | None, after_seq: int, limit: int
+    ) -> list[StoredEvent]:
+        key = self._events_key if handoff_id is None else self._k("ev", handoff_id)
+        start = f"(0-{after_seq}" if after_seq > 0 else "-"
+        reply = await self._call(
+            "read events", self._read(keys=[key], args=[start, limit, after_seq])
+        )
+        trimmed, entries = reply
+        if trimmed == "1":
+            raise CursorExpired(
+                f"events after position {after_seq} were trimmed from the log "
+                "(REDIS_STREAM_MAXLEN); reconnect without after_cursor"
+            )
+        return [_event(entry_id, fields) for entry_id, fields in entries]
+
+    async def last_seq(self) -> int:
+        value = await self._call("read the log position", self._redis.get(self._seq_key))
+        return int(value) if value else 0
+
+    # --- the live feed --------------------------------------------------------------------
+
+    async def _tail(self) -> None:
+        """Reads every new event of the deployment and hands it to the listener, forever."""
+        last: int | None = None  # None: the feed has not started yet
+        reported_down = False
+        delay = 0.05
+        while not self._closed:
+            try:
+                if not self._feed_connected:
+                    last = await self._resume_point(last)
+                assert last is not None
+                reply = await self._tail_redis.xread(
+                    {self._events_key: f"0-{last}"},
+                    count=TAIL_BATCH,
+                    block=int(self._settings.tail_block_s * 1000),
+                )
+            except RedisError as exc:
+                if self._closed:
+                    return
+                if self._feed_connected or not reported_down:
+                    log.warning(
+                        "no event feed from Redis at %s (%s); live streams on this replica "
+                        "end with UNAVAILABLE until it is back",
+                        self._where,
+                        type(exc).__name__,
+                    )
+                    self._interrupt(
+                        StoreUnavailable(
+                            f"this replica lost Redis at {self._where}; reconnect with "
+                            "after_cursor set to the last cursor received"
+                        )
+                    )
+                self._feed_connected = False
+                reported_down = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            reported_down = False
+            delay = 0.05
+            if not reply:
+                continue
+            events = [_event(entry_id, fields) for entry_id, fields in _xread_entries(reply)]
+            if events[0].seq != last + 1:
+                self._interrupt(
+                    StreamOverflow(
+                        "this replica missed events that were trimmed from the log before it "
+                        "read them; reconnect with after_cursor set to the last cursor received"
+                    )
+                )
+            last = events[-1].seq
+            if self._listener is not None:
+                self._listener(events)
+
+    async def _resume_point(self, last: int | None) -> int:
+        """Where the feed goes on after (re)connecting: its old place, unless the log moved."""
+        newest_raw = await self._tail_redis.get(self._seq_key)
+        newest = int(newest_raw) if newest_raw else 0
+        if last is None or newest < last:
+            if last is not None:
+                log.error(
+                    "the event log in Redis at %s restarted from position %d (this replica "
+                    "had read up to %d): Redis lost data; clients must reconnect without a cursor",
+                    self._where,
+                    newest,
+                    last,
+                )
+            # Streams opened before the feed started may have read the store before this
+            # position was taken: make them re-read from the log.
+            self._interrupt(
+                StoreUnavailable("the event feed restarted; reconnect with your last cursor")
+            )
+            last = newest
+        log.info("event feed from Redis at %s is live after position %d", self._where, last)
+        self._feed_connected = True
+        self._feed_ready.set()
+        return last
+
+    def _interrupt(self, error: StoreUnavailable | StreamOverflow) -> None:
+        if self._on_interrupt is not None:
+            self._on_interrupt(error)
+
+    # --- health and shutdown --------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._call("answer PING", self._redis.ping())
+        if not self._feed_connected:
+            raise StoreUnavailable(f"the event feed from Redis at {self._where} is reconnecting")
+
+    async def close(self) -> None:
+        """Stops the feed and closes the connections; closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        # redis-py lets a command finish even when its task is cancelled, so a blocked XREAD
+        # would hold on for its whole BLOCK time: cut its connection instead.
+        await self._tail_redis.aclose()
+        if self._tail_task is not None:
+            self._tail_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tail_task
+        await self._redis.aclose()
+
+
+async def _gather_hget(client: aioredis.Redis, keys: list[str], field: str) -> list[str | None]:
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hget(key, field)
+    return list(await pipe.execute())
+
+
+def _xread_entries(reply: object) -> list[tuple[str, object]]:
+    """The entries of a one-stream XREAD reply: [[stream, [(id, fields), ...]]]."""
+    assert isinstance(reply, list)
+    assert len(reply) == 1
+    _, entries = reply[0]
+    return [(str(entry_id), fields) for entry_id, fields in entries]
+
+
+def _event(entry_id: str, fields: object) -> StoredEvent:
+    """A stream entry as an event. XREAD gives the fields as a dict, Lua as a flat list."""
+    if isinstance(fields, dict):
+        values = {str(k): str(v) for k, v in fields.items()}
+    else:
+        assert isinstance(fields, list)
+        values = {str(fields[i]): str(fields[i + 1]) for i in range(0, len(fields), 2)}
+    return StoredEvent(
+        seq=int(entry_id.rsplit("-", 1)[1]),
+        handoff_id=values["h"],
+        conversation_id=values["c"],
+        occurred_at_ms=int(values["t"]),
+        payload=payload_from_json(values["p"]),
+    )
