@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,3 +175,13 @@ class Dispatch:
 
 def all_summaries(events: Sequence[pb.HandoffEvent]) -> list[tuple[object, ...]]:
     return [summarize(e) for e in events]
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0, what: str = "") -> None:
+    """Waits until ``condition()`` holds: for state another task or process changes."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not condition():  # noqa: ASYNC110 (the state has no event to wait on)
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"still not true after {timeout_s} s: {what}") from None

@@ -43,6 +43,9 @@ return 0
 #       13 number of events, then (occurred_at_ms, payload JSON) per event,
 #       then the number of seen ids and the ids, the number of sent ids and the ids,
 #       then client_message_id and brevo_message_id ('' '' = none).
+# Each entry has fields h (handoff id), c (conversation id), t (occurred_at_ms), p (payload
+# JSON) and q: the position of the handoff's previous event, so that a reader can tell
+# whether MAXLEN trimmed events it had not read (a handoff's positions are not contiguous).
 # Returns {'ok', seqs} or {'done', seqs} (this commit token already applied: a resent
 # command after a lost reply), {'conflict'} or {'missing'}; seqs is "1,2,3".
 COMMIT = """
@@ -59,15 +62,17 @@ end
 local id = ARGV[5]
 local ttl = ARGV[9]
 local seqs = {}
+local previous = redis.call('HGET', KEYS[1], 'last') or '0'
 local i = 14
 for _ = 1, tonumber(ARGV[13]) do
-  local seq = redis.call('INCR', KEYS[11])
+  local seq = string.format('%d', redis.call('INCR', KEYS[11]))
   local entry = '0-' .. seq
   redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[10], entry,
-    'h', id, 'c', ARGV[12], 't', ARGV[i], 'p', ARGV[i + 1])
+    'h', id, 'c', ARGV[12], 't', ARGV[i], 'p', ARGV[i + 1], 'q', previous)
   redis.call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[11], entry,
-    'h', id, 'c', ARGV[12], 't', ARGV[i], 'p', ARGV[i + 1])
-  seqs[#seqs + 1] = string.format('%d', seq)
+    'h', id, 'c', ARGV[12], 't', ARGV[i], 'p', ARGV[i + 1], 'q', previous)
+  seqs[#seqs + 1] = seq
+  previous = seq
   i = i + 2
 end
 local seen = tonumber(ARGV[i])
@@ -86,7 +91,8 @@ if ARGV[i] ~= '' then
   redis.call('HSETNX', KEYS[8], ARGV[i], ARGV[i + 1])
 end
 local applied = table.concat(seqs, ',')
-redis.call('HSET', KEYS[1], 'rec', ARGV[3], 'v', ARGV[2], 'lc', ARGV[8], 'ls', applied)
+redis.call('HSET', KEYS[1], 'rec', ARGV[3], 'v', ARGV[2], 'lc', ARGV[8], 'ls', applied,
+  'last', previous)
 local owner = redis.call('GET', KEYS[2])
 if ARGV[4] == 'ENDED' then
   if owner == id then
@@ -113,31 +119,6 @@ for _, key in ipairs({KEYS[1], KEYS[3], KEYS[6], KEYS[7], KEYS[8], KEYS[9]}) do
   redis.call('PEXPIRE', key, ttl)
 end
 return {'ok', applied}
-"""
-
-# KEYS: 1 a stream. ARGV: 1 XRANGE start ('-' or '(0-N'), 2 count, 3 the reader's position.
-# Returns {trimmed, entries}: trimmed is '1' when entries after the position were trimmed.
-READ = """
-local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
-local trimmed = '0'
-local after = tonumber(ARGV[3])
-if after > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  local found = false
-  for j = 1, #info, 2 do
-    if info[j] == 'max-deleted-entry-id' then
-      found = true
-      local deleted = tonumber(string.match(info[j + 1], '-(%d+)$'))
-      if deleted > after then
-        trimmed = '1'
-      end
-    end
-  end
-  if not found then
-    return redis.error_reply('the handoff service needs Redis 7.0 or newer')
-  end
-end
-return {trimmed, entries}
 """
 
 # Leases (see redis_locks). KEYS: 1 lock key. ARGV: 1 owner token, 2 lease ms (RENEW).

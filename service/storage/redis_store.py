@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -69,6 +69,10 @@ class RedisSettings:
     tail_block_s: float = 2.0
 
 
+def _commit_token() -> str:
+    return secrets.token_hex(12)
+
+
 def describe_url(url: str) -> str:
     """``host:port/db`` of a Redis URL: safe to log (no user name, no password)."""
     parts = urlsplit(url)
@@ -85,8 +89,11 @@ class RedisStore:
     answers, and ``ping`` says whether this process is ready.
     """
 
-    def __init__(self, settings: RedisSettings) -> None:
+    def __init__(
+        self, settings: RedisSettings, make_token: Callable[[], str] = _commit_token
+    ) -> None:
         self._settings = settings
+        self._make_token = make_token
         self._where = describe_url(settings.url)
         self._retention_ms = str(int(settings.retention_s * 1000))
         p = settings.prefix
@@ -113,7 +120,6 @@ class RedisStore:
         self._create = self._redis.register_script(redis_scripts.CREATE)
         self._release_conversation = self._redis.register_script(redis_scripts.RELEASE_CONVERSATION)
         self._commit = self._redis.register_script(redis_scripts.COMMIT)
-        self._read = self._redis.register_script(redis_scripts.READ)
         self._listener: EventListener | None = None
         self._on_interrupt: InterruptListener | None = None
         self._tail_task: asyncio.Task[None] | None = None
@@ -122,8 +128,11 @@ class RedisStore:
         self._closed = False
 
     @classmethod
-    async def open(cls, settings: RedisSettings) -> RedisStore:
-        store = cls(settings)
+    async def open(
+        cls, settings: RedisSettings, *, make_token: Callable[[], str] = _commit_token
+    ) -> RedisStore:
+        """``make_token`` names each commit, so that a resent commit is recognised."""
+        store = cls(settings, make_token)
         try:
             await store._check_server()
         except RedisError as exc:
@@ -142,9 +151,9 @@ class RedisStore:
     async def _check_server(self) -> None:
         info = await self._redis.info("server")
         version = str(info.get("redis_version", "0"))
-        if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < (7, 0):
+        if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < (6, 2):
             log.error(
-                "Redis %s at %s is too old: the handoff service needs 7.0 or newer",
+                "Redis %s at %s is too old: the handoff service needs 6.2 or newer",
                 version,
                 self._where,
             )
@@ -288,7 +297,7 @@ class RedisStore:
             h.id,
             h.created_at_ms,
             h.brevo_conversation_id,
-            secrets.token_hex(12),
+            self._make_token(),
             self._retention_ms,
             self._settings.stream_maxlen,
             self._settings.all_stream_maxlen,
@@ -359,16 +368,19 @@ class RedisStore:
     ) -> list[StoredEvent]:
         key = self._events_key if handoff_id is None else self._k("ev", handoff_id)
         start = f"(0-{after_seq}" if after_seq > 0 else "-"
-        reply = await self._call(
-            "read events", self._read(keys=[key], args=[start, limit, after_seq])
-        )
-        trimmed, entries = reply
-        if trimmed == "1":
-            raise CursorExpired(
-                f"events after position {after_seq} were trimmed from the log "
-                "(REDIS_STREAM_MAXLEN); reconnect without after_cursor"
-            )
-        return [_event(entry_id, fields) for entry_id, fields in entries]
+        entries = await self._call("read events", self._redis.xrange(key, start, "+", count=limit))
+        read = [_entry(str(entry_id), fields) for entry_id, fields in entries or ()]
+        if after_seq > 0 and read:
+            # Trimming removes the oldest entries, never all: had events after the cursor
+            # been trimmed, the first one left would follow one of them, not the cursor.
+            first, previous_in_handoff = read[0]
+            previous = first.seq - 1 if handoff_id is None else previous_in_handoff
+            if previous > after_seq:
+                raise CursorExpired(
+                    f"events after position {after_seq} were trimmed from the log "
+                    "(REDIS_STREAM_MAXLEN); reconnect without after_cursor"
+                )
+        return [event for event, _ in read]
 
     async def last_seq(self) -> int:
         value = await self._call("read the log position", self._redis.get(self._seq_key))
@@ -416,7 +428,7 @@ class RedisStore:
             delay = 0.05
             if not reply:
                 continue
-            events = [_event(entry_id, fields) for entry_id, fields in _xread_entries(reply)]
+            events = [_entry(entry_id, fields)[0] for entry_id, fields in _xread_entries(reply)]
             if events[0].seq != last + 1:
                 self._interrupt(
                     StreamOverflow(
@@ -493,17 +505,15 @@ def _xread_entries(reply: object) -> list[tuple[str, object]]:
     return [(str(entry_id), fields) for entry_id, fields in entries]
 
 
-def _event(entry_id: str, fields: object) -> StoredEvent:
-    """A stream entry as an event. XREAD gives the fields as a dict, Lua as a flat list."""
-    if isinstance(fields, dict):
-        values = {str(k): str(v) for k, v in fields.items()}
-    else:
-        assert isinstance(fields, list)
-        values = {str(fields[i]): str(fields[i + 1]) for i in range(0, len(fields), 2)}
-    return StoredEvent(
+def _entry(entry_id: str, fields: object) -> tuple[StoredEvent, int]:
+    """A stream entry: its event, and the position of the handoff's previous event."""
+    assert isinstance(fields, dict)
+    values = {str(k): str(v) for k, v in fields.items()}
+    event = StoredEvent(
         seq=int(entry_id.rsplit("-", 1)[1]),
         handoff_id=values["h"],
         conversation_id=values["c"],
         occurred_at_ms=int(values["t"]),
         payload=payload_from_json(values["p"]),
     )
+    return event, int(values.get("q", "0"))

@@ -1,0 +1,334 @@
+"""What only the Redis backend does: the shared feed, trimming, expiry, resent commits,
+leases across replicas, and Redis going away and coming back."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis_server import RedisServer
+from support import until
+
+from service.core.errors import (
+    ConcurrentUpdate,
+    CursorExpired,
+    HandoffError,
+    StoreUnavailable,
+)
+from service.core.models import (
+    Commit,
+    EndReason,
+    Handoff,
+    HandoffEnded,
+    HandoffState,
+    NewEvent,
+    NoAgentAvailable,
+    StoredEvent,
+)
+from service.storage.redis_store import RedisSettings, RedisStore
+
+
+def handoff(n: int) -> Handoff:
+    return Handoff(
+        id=f"ho_{n}",
+        conversation_id=f"conv-{n}",
+        visitor_id=f"hf_{n}",
+        state=HandoffState.PENDING_AGENT,
+        created_at_ms=1000 + n,
+        updated_at_ms=1000 + n,
+    )
+
+
+class Feed:
+    """What a store's listener received."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.events: list[StoredEvent] = []
+        self.interruptions: list[HandoffError] = []
+        store.set_listener(self.events.extend, self.interruptions.append)
+
+    async def wait_for(self, count: int) -> list[StoredEvent]:
+        await until(lambda: len(self.events) >= count, what=f"{count} events")
+        return self.events
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer) -> RedisSettings:
+    return RedisSettings(redis_server.url, prefix=f"{{t{secrets.token_hex(6)}}}")
+
+
+@pytest.fixture
+async def stores(settings: RedisSettings) -> AsyncIterator[list[RedisStore]]:
+    """Stores opened by the test; closed at its end."""
+    opened: list[RedisStore] = []
+    yield opened
+    for store in opened:
+        await store.close()
+
+
+async def open_store(
+    stores: list[RedisStore], settings: RedisSettings, **changes: object
+) -> RedisStore:
+    store = await RedisStore.open(dataclasses.replace(settings, **changes))  # type: ignore[arg-type]
+    stores.append(store)
+    return store
+
+
+async def add_events(store: RedisStore, handoff_id: str, count: int) -> list[StoredEvent]:
+    stored: list[StoredEvent] = []
+    for i in range(count):
+        current = await store.get_handoff(handoff_id)
+        assert current is not None
+        stored += await store.commit(
+            Commit(current, current.version, events=(NewEvent(i, NoAgentAvailable()),))
+        )
+    return stored
+
+
+async def test_every_replica_receives_every_commit_once_in_order(
+    stores: list[RedisStore], settings: RedisSettings
+) -> None:
+    a = await open_store(stores, settings)
+    b = await open_store(stores, settings)
+    feed_a, feed_b = Feed(a), Feed(b)
+    for n in range(6):
+        await a.create_handoff(handoff(n))
+
+    async def write(store: RedisStore, n: int) -> None:
+        await add_events(store, f"ho_{n}", 5)
+
+    # Three handoffs written through A, three through B, all at once.
+    await asyncio.gather(*(write(a if n % 2 else b, n) for n in range(6)))
+    log = await a.read_events(None, 0, 100)
+    assert [e.seq for e in log] == list(range(log[0].seq, log[0].seq + 30))
+    assert await feed_a.wait_for(30) == log
+    assert await feed_b.wait_for(30) == log
+    await asyncio.sleep(0.05)
+    assert (len(feed_a.events), len(feed_b.events)) == (30, 30)
+    assert feed_a.interruptions == feed_b.interruptions == []
+
+
+async def test_a_resent_commit_applies_once(settings: RedisSettings) -> None:
+    """A commit whose reply was lost is sent again with the same token: nothing doubles."""
+    store = await RedisStore.open(settings, make_token=lambda: "same-token")
+    try:
+        h, _ = await store.create_handoff(handoff(1))
+        commit = Commit(h, 0, events=(NewEvent(5, NoAgentAvailable()),), seen_message_ids=("m",))
+        first = await store.commit(commit)
+        again = await store.commit(commit)
+        assert again == first
+        assert await store.read_events("ho_1", 0, 10) == first
+        current = await store.get_handoff("ho_1")
+        assert current is not None
+        assert current.version == 1
+    finally:
+        await store.close()
+    # A different commit from the same stale version is refused.
+    other = await RedisStore.open(settings)
+    try:
+        with pytest.raises(ConcurrentUpdate):
+            await other.commit(Commit(h, 0, events=(NewEvent(6, NoAgentAvailable()),)))
+    finally:
+        await other.close()
+
+
+async def test_a_cursor_into_trimmed_events_is_refused_and_no_cursor_reads_what_is_left(
+    stores: list[RedisStore], settings: RedisSettings
+) -> None:
+    store = await open_store(stores, settings, stream_maxlen=10, all_stream_maxlen=10)
+    await store.create_handoff(handoff(1))
+    stored = await add_events(store, "ho_1", 300)
+    kept = await store.read_events("ho_1", 0, 1000)
+    # MAXLEN ~ trims whole nodes: at least 10 are kept, the oldest are gone.
+    assert 10 <= len(kept) < 300
+    assert kept == stored[-len(kept) :]
+    assert await store.read_events("ho_1", kept[0].seq, 5) == kept[1:6]
+    for handoff_id in ("ho_1", None):
+        with pytest.raises(CursorExpired, match="trimmed"):
+            await store.read_events(handoff_id, stored[0].seq, 5)
+
+
+async def test_a_handoffs_keys_expire_after_the_retention(
+    stores: list[RedisStore], settings: RedisSettings, redis_server: RedisServer
+) -> None:
+    store = await open_store(stores, settings, retention_s=0.4)
+    h, _ = await store.create_handoff(handoff(1))
+    ended = dataclasses.replace(h, state=HandoffState.ENDED, end_reason=EndReason.TIMED_OUT)
+    await store.commit(
+        Commit(
+            ended,
+            0,
+            events=(NewEvent(1, HandoffEnded(EndReason.TIMED_OUT)),),
+            seen_message_ids=("seen-1",),
+            sent_message_ids=("sent-1",),
+            client_message=("c", "b"),
+        )
+    )
+    raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        keys = sorted(await raw.keys(f"{settings.prefix}:*:ho_1"))
+        assert [k.split(":")[1] for k in keys] == ["client", "ev", "h", "seen", "sent"]
+        for key in [*keys, f"{settings.prefix}:visitor:hf_1"]:
+            assert 0 < await raw.pttl(key) <= 400, key
+        await asyncio.sleep(0.5)
+        assert await raw.keys(f"{settings.prefix}:*:ho_1") == []
+    finally:
+        await raw.aclose()
+    assert await store.get_handoff("ho_1") is None
+    assert await store.seen_message_ids("ho_1", ["seen-1"]) == set()
+    assert await store.find_by_visitor("hf_1") is None
+
+
+async def test_leases_exclude_across_replicas(
+    stores: list[RedisStore], settings: RedisSettings
+) -> None:
+    a = (await open_store(stores, settings)).locks()
+    b = (await open_store(stores, settings)).locks()
+    inside: list[str] = []
+    overlaps: list[tuple[str, ...]] = []
+
+    async def work(locks_name: str, n: int) -> None:
+        locks = a if locks_name == "a" else b
+        async with locks.hold("send:ho_1"):
+            inside.append(f"{locks_name}{n}")
+            if len(inside) > 1:
+                overlaps.append(tuple(inside))
+            await asyncio.sleep(0.002)
+            inside.remove(f"{locks_name}{n}")
+
+    await asyncio.gather(*(work(name, n) for n in range(10) for name in ("a", "b")))
+    assert overlaps == []
+
+
+async def test_a_lease_left_by_a_dead_replica_frees_itself(
+    stores: list[RedisStore], settings: RedisSettings, redis_server: RedisServer
+) -> None:
+    store = await open_store(stores, settings)
+    raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        # A replica took the lease and died: nobody renews it.
+        await raw.set(f"{settings.prefix}:lock:send:ho_1", "dead-replica", px=300)
+        quick = store.locks(wait_s=0.1)
+        with pytest.raises(ConcurrentUpdate, match="busy on another replica"):
+            async with quick.hold("send:ho_1"):
+                pass
+        patient = store.locks(wait_s=5)
+        async with patient.hold("send:ho_1"):
+            owner = await raw.get(f"{settings.prefix}:lock:send:ho_1")
+            assert owner not in (None, "dead-replica")
+        assert await raw.exists(f"{settings.prefix}:lock:send:ho_1") == 0
+    finally:
+        await raw.aclose()
+
+
+async def test_a_held_lease_is_renewed_past_its_length(
+    stores: list[RedisStore], settings: RedisSettings
+) -> None:
+    store = await open_store(stores, settings)
+    holder, other = (
+        store.locks(lease_s=0.3),
+        (await open_store(stores, settings)).locks(wait_s=0.05),
+    )
+    async with holder.hold("send:ho_2"):
+        await asyncio.sleep(0.7)  # more than twice the lease
+        with pytest.raises(ConcurrentUpdate):
+            async with other.hold("send:ho_2"):
+                pass
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A redis-server of this test's own, to stop and start."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def wait_ready(store: RedisStore, timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                await store.ping()
+                return
+            except StoreUnavailable:
+                await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stop", "crash"])
+async def test_redis_going_away_interrupts_and_coming_back_resumes(
+    private_redis: RedisServer, how: signal.Signals
+) -> None:
+    store = await RedisStore.open(RedisSettings(private_redis.url, prefix="{p}"))
+    feed = Feed(store)
+    try:
+        await store.create_handoff(handoff(1))
+        before = await add_events(store, "ho_1", 3)
+        await feed.wait_for(3)
+
+        private_redis.stop(how)
+        await until(lambda: bool(feed.interruptions), what="an interruption")
+        assert isinstance(feed.interruptions[0], StoreUnavailable)
+        assert "reconnect with after_cursor" in str(feed.interruptions[0])
+        for call in (store.get_handoff("ho_1"), store.ping(), store.last_seq()):
+            with pytest.raises(StoreUnavailable, match=r"Redis at 127\.0\.0\.1"):
+                await call
+
+        private_redis.start()
+        await wait_ready(store)
+        # Everything acknowledged before is still there, and the feed goes on from it.
+        assert await store.read_events("ho_1", 0, 10) == before
+        after = await add_events(store, "ho_1", 2)
+        assert after[0].seq == before[-1].seq + 1
+        assert await feed.wait_for(5) == before + after
+    finally:
+        await store.close()
+
+
+async def test_a_redis_that_lost_its_data_is_reported(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await RedisStore.open(RedisSettings(private_redis.url, prefix="{p}"))
+    feed = Feed(store)
+    try:
+        await store.create_handoff(handoff(1))
+        await add_events(store, "ho_1", 3)
+        await feed.wait_for(3)
+        private_redis.stop(signal.SIGKILL)
+        shutil.rmtree(private_redis.folder)  # the disk is gone too
+        private_redis.folder.mkdir()
+        feed.interruptions.clear()
+        with caplog.at_level(logging.ERROR, logger="service.storage.redis_store"):
+            private_redis.start()
+            await wait_ready(store)
+        assert "Redis lost data" in caplog.text
+        assert any("restarted" in str(e) for e in feed.interruptions)
+        assert await store.last_seq() == 0
+    finally:
+        await store.close()
+
+
+async def test_opening_while_redis_is_down_starts_not_ready(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    store = await RedisStore.open(RedisSettings(server.url, prefix="{p}", timeout_s=0.5))
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        server.start()
+        await wait_ready(store)
+        created, was_created = await store.create_handoff(handoff(1))
+        assert was_created
+        assert await store.get_handoff("ho_1") == created
+    finally:
+        await store.close()
+        server.stop()
