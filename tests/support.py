@@ -38,6 +38,20 @@ def fixture(name: str, visitor_id: str | None = None) -> dict[str, object]:
     return body
 
 
+MARTA = "HmN3bV7cX2zL9kJ4q"  # the agent of fragment_minimal.json
+
+
+def agent_fragment(visitor_id: str, message_id: str, text: str, n: int = 0) -> dict[str, object]:
+    """A conversationFragment with one message from agent Marta; ``n`` orders createdAt."""
+    body = fixture("fragment_minimal.json", visitor_id)
+    messages = body["messages"]
+    assert isinstance(messages, list)
+    message = dict(messages[0])
+    message.update(id=message_id, text=text, createdAt=int(message["createdAt"]) + n)
+    body["messages"] = [message]
+    return body
+
+
 def make_config(folder: Path, *flags: str, sqlite_name: str = "handoff.db") -> Config:
     return load_config(
         [

@@ -187,7 +187,8 @@ class RedisStore:
             return await op
         except RedisError as exc:
             raise StoreUnavailable(
-                f"Redis at {self._where} failed to {what}: {type(exc).__name__}: {exc}"
+                f"Redis at {self._where} failed to {what}: {type(exc).__name__}: {exc} "
+                "(retry with backoff)"
             ) from exc
 
     # --- keys -----------------------------------------------------------------------------
