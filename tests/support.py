@@ -41,9 +41,17 @@ def fixture(name: str, visitor_id: str | None = None) -> dict[str, object]:
 MARTA = "HmN3bV7cX2zL9kJ4q"  # the agent of fragment_minimal.json
 
 
-def agent_fragment(visitor_id: str, message_id: str, text: str, n: int = 0) -> dict[str, object]:
-    """A conversationFragment with one message from agent Marta; ``n`` orders createdAt."""
+def agent_fragment(
+    visitor_id: str, message_id: str, text: str, n: int = 0, conversation_id: str = ""
+) -> dict[str, object]:
+    """A conversationFragment with one message from agent Marta; ``n`` orders createdAt.
+
+    Give the Brevo ``conversation_id`` of the visitor's chat when the sandbox also sends
+    webhooks for it: fragments naming another chat would move the handoff back and forth.
+    """
     body = fixture("fragment_minimal.json", visitor_id)
+    if conversation_id:
+        body["conversationId"] = conversation_id
     messages = body["messages"]
     assert isinstance(messages, list)
     message = dict(messages[0])

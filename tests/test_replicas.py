@@ -1,0 +1,282 @@
+"""Two service processes sharing one real Redis, as two replicas behind a Kubernetes Service.
+
+Brevo (the sandbox, in this test process) sends its webhooks to replica A; the bot's
+streams are held wherever the test says. Redis requires a password, and no log line of
+either replica may show it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from redis_server import RedisServer, free_port
+from support import MARTA, SERVICE_AGENT_ID, agent_fragment, all_summaries
+
+from service.brevo.sandbox import BrevoSandbox
+from service.http_server import RunningHttpServer, start_http_server
+from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
+from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "xkeysib-replicas-0123456789-SecretKey"
+TOKEN = "tok_ReplicaWebhookSecret_0042"
+REDIS_PASSWORD = "redis-Pa55word-NeverLogged"
+SAM = ("SandboxAgentSam01", "Sam")
+
+
+@dataclass
+class Replica:
+    name: str
+    process: asyncio.subprocess.Process
+    grpc_port: int
+    http_port: int
+    lines: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+    channel: grpc.aio.Channel | None = None
+
+    @property
+    def stub(self) -> pb_grpc.HandoffServiceAsyncStub:
+        assert self.channel is not None
+        return pb_grpc.HandoffServiceStub(self.channel)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{self.base_url}/webhooks/brevo/{TOKEN}"
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+
+async def start_replica(name: str, env: dict[str, str]) -> Replica:
+    grpc_port, http_port = free_port(), free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        cwd=ROOT,
+        env={**env, "HANDOFF_GRPC_PORT": str(grpc_port), "HANDOFF_HTTP_PORT": str(http_port)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    replica = Replica(name, process, grpc_port, http_port)
+    serving = asyncio.Event()
+
+    async def read() -> None:
+        assert process.stdout is not None
+        async for raw in process.stdout:
+            replica.lines.append(raw.decode())
+            if "serving gRPC" in replica.lines[-1]:
+                serving.set()
+        serving.set()  # ended: the waiter below looks at the exit code
+
+    replica.reader = asyncio.create_task(read())
+    await asyncio.wait_for(serving.wait(), 30)
+    assert process.returncode is None, replica.log
+    replica.channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
+    return replica
+
+
+async def stop_replica(replica: Replica) -> int:
+    """SIGTERM, as Kubernetes stops a pod; returns the exit code."""
+    if replica.channel is not None:
+        await replica.channel.close()
+    if replica.process.returncode is None:
+        replica.process.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(replica.process.wait(), 30)
+    if replica.reader is not None:
+        await replica.reader
+    return code
+
+
+@dataclass
+class Cluster:
+    a: Replica
+    b: Replica
+    sandbox: BrevoSandbox
+    http: httpx.AsyncClient
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    redis = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD)
+    redis.start()
+    sandbox = BrevoSandbox(api_key=API_KEY, auto_agent=False)
+    brevo: RunningHttpServer = await start_http_server(sandbox.app, "127.0.0.1", 0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BREVO_", "HANDOFF_"))}
+    env.update(
+        BREVO_API_KEY=API_KEY,
+        BREVO_BASE_URL=f"{brevo.base_url}/v3",
+        BREVO_AGENT_ID=SERVICE_AGENT_ID,
+        WEBHOOK_TOKEN=TOKEN,
+        REDIS_URL=redis.url,
+        HANDOFF_HOST="127.0.0.1",
+        HANDOFF_HEARTBEAT_SECONDS="0.5",
+        HANDOFF_LOG_LEVEL="DEBUG",
+        PYTHONUNBUFFERED="1",
+    )
+    replicas: list[Replica] = []
+    http = httpx.AsyncClient(timeout=10)
+    try:
+        replicas += await asyncio.gather(start_replica("A", env), start_replica("B", env))
+        sandbox.set_webhook_url(replicas[0].webhook_url)
+        yield Cluster(replicas[0], replicas[1], sandbox, http)
+    finally:
+        for replica in replicas:
+            await stop_replica(replica)
+        await http.aclose()
+        await sandbox.aclose()
+        await brevo.stop(1)
+        redis.stop()
+    for replica in replicas:
+        for secret in (API_KEY, TOKEN, REDIS_PASSWORD):
+            assert secret not in replica.log, f"replica {replica.name} logged a secret"
+
+
+async def read_until_ended(call: object, into: list[pb.HandoffEvent]) -> None:
+    async for item in call:  # type: ignore[attr-defined]
+        if item.WhichOneof("item") == "event":
+            into.append(item.event)
+
+
+async def read_until_idle(
+    stub: pb_grpc.HandoffServiceAsyncStub, handoff_id: str, after_cursor: str = ""
+) -> list[pb.HandoffEvent]:
+    """Every event of the stream up to the first heartbeat: all there is, for now."""
+    events: list[pb.HandoffEvent] = []
+    call = stub.StreamAgentReplies(
+        pb.StreamAgentRepliesRequest(handoff_id=handoff_id, after_cursor=after_cursor)
+    )
+    try:
+        async with asyncio.timeout(10):
+            async for item in call:
+                if item.WhichOneof("item") == "heartbeat":
+                    return events
+                events.append(item.event)
+    finally:
+        call.cancel()
+    raise AssertionError("the stream ended without a heartbeat")
+
+
+async def test_webhooks_on_a_reach_a_stream_on_b_once_and_in_order(cluster: Cluster) -> None:
+    a, b, sandbox = cluster.a, cluster.b, cluster.sandbox
+    started = await a.stub.StartHandoff(pb.StartHandoffRequest(conversation_id="conv-ab"))
+    handoff = started.handoff
+    call = b.stub.StreamAgentReplies(pb.StreamAgentRepliesRequest(handoff_id=handoff.id))
+    received: list[pb.HandoffEvent] = []
+    reading = asyncio.create_task(read_until_ended(call, received))
+    said = [await sandbox.agent_says(handoff.visitor_id, f"reply {i}") for i in range(10)]
+    await sandbox.close_conversation(handoff.visitor_id)
+    await asyncio.wait_for(reading, 10)  # the stream completes after HandoffEnded
+    assert all_summaries(received) == [
+        ("joined", *SAM),
+        *[("message", m["id"], *SAM, f"reply {i}") for i, m in enumerate(said)],
+        ("ended", "END_REASON_AGENT_CLOSED"),
+    ]
+    # The webhooks really went to A only, and B really served the stream.
+    assert "webhook stored" in a.log
+    assert "webhook stored" not in b.log
+    # Both replicas stop cleanly on SIGTERM.
+    assert await stop_replica(a) == 0
+    assert await stop_replica(b) == 0
+
+
+async def test_a_client_of_a_killed_replica_resumes_on_the_other_with_exactly_what_it_missed(
+    cluster: Cluster,
+) -> None:
+    a, b, sandbox = cluster.a, cluster.b, cluster.sandbox
+    handoff = (
+        await a.stub.StartHandoff(pb.StartHandoffRequest(conversation_id="conv-kill"))
+    ).handoff
+    call = b.stub.StreamAgentReplies(pb.StreamAgentRepliesRequest(handoff_id=handoff.id))
+    first = [await sandbox.agent_says(handoff.visitor_id, f"before {i}") for i in range(3)]
+    received: list[pb.HandoffEvent] = []
+    while len(received) < 4:
+        item = await asyncio.wait_for(call.read(), 10)
+        assert isinstance(item, pb.StreamAgentRepliesResponse)
+        if item.WhichOneof("item") == "event":
+            received.append(item.event)
+    assert all_summaries(received) == [
+        ("joined", *SAM),
+        *[("message", m["id"], *SAM, f"before {i}") for i, m in enumerate(first)],
+    ]
+
+    b.process.kill()  # SIGKILL: no goodbye to anyone; the client's channel stays open
+    assert await b.process.wait() == -signal.SIGKILL
+    with pytest.raises(grpc.aio.AioRpcError) as cut:
+        while True:  # heartbeats until the connection drops
+            await asyncio.wait_for(call.read(), 10)
+    assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    later = [await sandbox.agent_says(handoff.visitor_id, f"after {i}") for i in range(3)]
+    await sandbox.close_conversation(handoff.visitor_id)
+    await sandbox.wait_idle()
+    resumed: list[pb.HandoffEvent] = []
+    again = a.stub.StreamAgentReplies(
+        pb.StreamAgentRepliesRequest(handoff_id=handoff.id, after_cursor=received[-1].cursor)
+    )
+    await asyncio.wait_for(read_until_ended(again, resumed), 10)
+    assert all_summaries(resumed) == [
+        *[("message", m["id"], *SAM, f"after {i}") for i, m in enumerate(later)],
+        ("ended", "END_REASON_AGENT_CLOSED"),
+    ]
+
+
+async def test_the_same_fragment_posted_to_both_replicas_at_once_counts_once(
+    cluster: Cluster,
+) -> None:
+    a, b, http = cluster.a, cluster.b, cluster.http
+    handoff = (
+        await a.stub.StartHandoff(pb.StartHandoffRequest(conversation_id="conv-dup"))
+    ).handoff
+    await cluster.sandbox.wait_idle()  # the echo of the opening message names Brevo's chat
+    chat = (await a.stub.GetHandoff(pb.GetHandoffRequest(handoff_id=handoff.id))).handoff
+    assert chat.brevo_conversation_id
+    for i in range(20):
+        body = agent_fragment(
+            handoff.visitor_id, f"dup-{i}", f"text {i}", i, chat.brevo_conversation_id
+        )
+        answers = await asyncio.gather(
+            http.post(a.webhook_url, json=body), http.post(b.webhook_url, json=body)
+        )
+        assert sorted(r.json()["outcome"] for r in answers) == ["duplicate", "stored"], [
+            r.json() for r in answers
+        ]
+    for replica in (a, b):
+        events = await read_until_idle(replica.stub, handoff.id)
+        assert all_summaries(events) == [
+            ("joined", MARTA, ""),
+            *[("message", f"dup-{i}", MARTA, "", f"text {i}") for i in range(20)],
+        ]
+
+
+async def test_start_handoff_on_both_replicas_at_once_opens_one_and_posts_once(
+    cluster: Cluster,
+) -> None:
+    a, b, sandbox = cluster.a, cluster.b, cluster.sandbox
+    for i in range(10):
+        request = pb.StartHandoffRequest(
+            conversation_id=f"conv-race-{i}", title="Refund", description="wants a refund"
+        )
+        first, second = await asyncio.gather(
+            a.stub.StartHandoff(request), b.stub.StartHandoff(request)
+        )
+        assert first.handoff.id == second.handoff.id
+        assert sorted([first.created, second.created]) == [False, True]
+        assert first.handoff.visitor_id == second.handoff.visitor_id
+        posted = sandbox.messages(first.handoff.visitor_id)
+        assert len(posted) == 1, posted
+        assert "Refund" in str(posted[0]["text"])
