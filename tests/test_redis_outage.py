@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
@@ -86,7 +86,7 @@ async def test_redis_down_gives_clean_errors_and_nothing_acknowledged_is_lost(
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "reconnect with after_cursor" in str(ended.value.details())
     # Every call says UNAVAILABLE, and what failed.
-    calls = [
+    calls: list[Awaitable[object]] = [
         h.stub.StartHandoff(pb.StartHandoffRequest(conversation_id="conv-new")),
         h.stub.SendMessage(
             pb.SendMessageRequest(handoff_id=handoff.id, client_message_id="c1", text="hi")

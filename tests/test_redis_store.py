@@ -174,7 +174,7 @@ async def test_a_handoffs_keys_expire_after_the_retention(
     )
     raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        keys = sorted(await raw.keys(f"{settings.prefix}:*:ho_1"))
+        keys = sorted(str(k) for k in await raw.keys(f"{settings.prefix}:*:ho_1"))
         assert [k.split(":")[1] for k in keys] == ["client", "ev", "h", "seen", "sent"]
         for key in [*keys, f"{settings.prefix}:visitor:hf_1"]:
             assert 0 < await raw.pttl(key) <= 400, key

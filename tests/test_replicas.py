@@ -216,9 +216,13 @@ async def test_a_client_of_a_killed_replica_resumes_on_the_other_with_exactly_wh
 
     b.process.kill()  # SIGKILL: no goodbye to anyone; the client's channel stays open
     assert await b.process.wait() == -signal.SIGKILL
-    with pytest.raises(grpc.aio.AioRpcError) as cut:
-        while True:  # heartbeats until the connection drops
+
+    async def read_until_cut() -> None:
+        while True:  # heartbeats, until the connection drops
             await asyncio.wait_for(call.read(), 10)
+
+    with pytest.raises(grpc.aio.AioRpcError) as cut:
+        await read_until_cut()
     assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
 
     later = [await sandbox.agent_says(handoff.visitor_id, f"after {i}") for i in range(3)]
