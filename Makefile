@@ -6,7 +6,7 @@ DEPS   := $(VENV)/.deps-installed
 STUBS  := service/rpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run demo test lint typecheck unit proto clean
+.PHONY: run demo test lint typecheck unit proto redis clean
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ run: $(STUBS)
 demo: $(STUBS)
 	$(BIN)/python -m service.demo
 
+## redis: install redis-server when missing and start one on 127.0.0.1:6379 when stopped
+redis:
+	scripts/ensure-redis.sh
+
 ## test: lint, type-check and run every test
 test: lint typecheck unit
 
@@ -38,7 +42,7 @@ lint: $(STUBS)
 typecheck: $(STUBS)
 	$(BIN)/mypy
 
-unit: $(STUBS)
+unit: $(STUBS) redis
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
