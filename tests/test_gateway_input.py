@@ -181,3 +181,17 @@ async def test_messages_without_id_or_createdat_are_kept_and_deduplicated(
     # createdAt "5" sorts before the message that has none (counted as now).
     assert [s[4] for s in all_summaries(events)[1:]] == ["string time", "no id"]
     assert events[1].agent_message.brevo_message_id == "7"
+
+
+async def test_readiness_follows_the_store_and_liveness_does_not(harness: Harness) -> None:
+    base = harness.webhook_url.split("/webhooks/")[0]
+    ready = await harness.http.get(f"{base}/readyz")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+    await harness.running.store.close()  # the store is gone (stop() closes it again, harmlessly)
+    gone = await harness.http.get(f"{base}/readyz")
+    assert (gone.status_code, gone.json()) == (
+        503,
+        {"status": "unavailable", "reason": "the store is closed"},
+    )
+    alive = await harness.http.get(f"{base}/healthz")
+    assert (alive.status_code, alive.json()) == (200, {"status": "ok"})

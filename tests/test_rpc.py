@@ -315,6 +315,13 @@ async def test_unknown_and_ended_handoffs(harness: Harness) -> None:
     assert "StartHandoff" in (error.details() or "")
 
 
+async def test_a_cursor_the_log_does_not_hold_is_out_of_range(harness: Harness) -> None:
+    handoff = await harness.start_handoff()
+    error = await rpc_error(harness.collect(handoff.id, 1, after_cursor="c1.424242"))
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "reconnect without after_cursor" in (error.details() or "")
+
+
 async def test_history_role_must_be_given(harness: Harness) -> None:
     error = await rpc_error(
         harness.stub.StartHandoff(

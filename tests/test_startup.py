@@ -16,6 +16,7 @@ import pytest
 from support import SERVICE_AGENT_ID
 
 from service.brevo.sandbox import BrevoSandbox
+from service.config import load_config
 from service.http_server import RunningHttpServer, start_http_server
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
@@ -104,6 +105,8 @@ async def test_a_refused_key_stops_start_up_with_one_line(
         ({"WEBHOOK_TOKEN": "short"}, "WEBHOOK_TOKEN"),
         ({"HANDOFF_GRPC_PORT": "http"}, "HANDOFF_GRPC_PORT"),
         ({"HANDOFF_AGENT_TIMEOUT_SECONDS": "-1"}, "HANDOFF_AGENT_TIMEOUT_SECONDS"),
+        ({"REDIS_URL": "http://redis:6379"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://r:6379", "REDIS_STREAM_MAXLEN": "5"}, "REDIS_STREAM_MAXLEN"),
     ],
 )
 async def test_a_missing_or_bad_setting_is_named(
@@ -197,3 +200,11 @@ async def test_no_secret_reaches_a_log_line(
     assert "Brevo API key accepted" in log
     assert API_KEY not in log
     assert TOKEN not in log
+
+
+def test_the_redis_password_counts_as_a_secret() -> None:
+    config = load_config(["--redis-url", "redis://:s3cr%40t@redis:6379/0"], environ={})
+    assert "s3cr%40t" in config.secrets
+    assert "s3cr@t" in config.secrets  # as redis-py sends it
+    assert "s3cr" not in repr(config.redis_url)
+    assert load_config([], environ={}).redis_url.reveal() == ""  # SQLite by default

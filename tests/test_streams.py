@@ -1,4 +1,5 @@
-"""Stream mechanics in the core: bounded buffers, overflow, replay past the buffer."""
+"""Stream mechanics in the core: bounded buffers, overflow, replay past the buffer,
+interrupted feeds and cursors beyond the log."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.core.errors import StreamOverflow
+from service.core.errors import CursorExpired, HandoffError, StoreUnavailable, StreamOverflow
 from service.core.fanout import EventHub
 from service.core.handoffs import HandoffManager, HandoffSettings, StartRequest
 from service.core.inbound import ServiceIdentity
@@ -19,6 +20,7 @@ from service.core.models import (
     SentMessage,
     StoredEvent,
 )
+from service.core.ports import EventListener, InterruptListener
 from service.storage.sqlite import SqliteStore
 
 
@@ -137,3 +139,55 @@ async def test_replay_longer_than_the_buffer_and_pages_is_complete(
         texts.append(item.payload.text)
     assert type(first.payload).__name__ == "AgentJoined"
     assert texts == [str(i) for i in range(20)]
+
+
+class InterruptibleStore(SqliteStore):
+    """SQLite, with a handle on the interruption a shared backend's feed would signal."""
+
+    interrupt: InterruptListener | None = None
+
+    def set_listener(self, listener: EventListener, on_interrupt: InterruptListener) -> None:
+        super().set_listener(listener, on_interrupt)
+        self.interrupt = on_interrupt
+
+
+async def test_an_interrupted_feed_ends_live_streams_at_once_and_they_resume(
+    tmp_path: Path,
+) -> None:
+    store = await InterruptibleStore.open(str(tmp_path / "s.db"))
+    settings = HandoffSettings(identity=ServiceIdentity("Me", "svc"), heartbeat_s=60)
+    manager = HandoffManager(store, RecordingBrevo(), settings)
+    try:
+        handoff, _ = await manager.start(StartRequest("c"))
+        await agent_messages(manager, handoff.visitor_id, 1)
+        one, everything = await manager.events(handoff.id, ""), await manager.events("", "")
+        await next_event(one)
+        last = await next_event(one)
+        waiting = [asyncio.ensure_future(anext(s)) for s in (one, everything)]
+        await asyncio.sleep(0.05)  # both are live, waiting on empty buffers
+        assert not any(w.done() for w in waiting)
+        assert store.interrupt is not None
+        store.interrupt(StoreUnavailable("lost the feed; reconnect with after_cursor"))
+        for waiter in waiting:  # long before the 60 s heartbeat
+            with pytest.raises(StoreUnavailable, match="reconnect with after_cursor"):
+                await asyncio.wait_for(waiter, 2)
+        assert manager.open_streams == 0
+        await agent_messages(manager, handoff.visitor_id, 1, start=1)
+        resumed = await manager.events(handoff.id, last.cursor)
+        again = await next_event(resumed)
+        assert isinstance(again.payload, AgentMessage)
+        assert again.payload.text == "1"
+        await resumed.aclose()  # type: ignore[attr-defined]
+    finally:
+        await store.close()
+
+
+async def test_a_cursor_beyond_the_newest_event_is_refused(manager: HandoffManager) -> None:
+    handoff, _ = await manager.start(StartRequest("c"))
+    await agent_messages(manager, handoff.visitor_id, 1)
+    for handoff_id in (handoff.id, ""):
+        with pytest.raises(CursorExpired, match="reconnect without after_cursor") as caught:
+            await manager.events(handoff_id, "c1.999")
+        assert isinstance(caught.value, HandoffError)
+    newest = await manager.events(handoff.id, "c1.2")  # the newest is fine
+    assert newest is not None

@@ -13,7 +13,7 @@ import dataclasses
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Self, TypeVar
 
 from service.core.codec import (
     handoff_from_json,
@@ -90,7 +90,7 @@ class SqliteStore:
         self._closed = False
 
     @classmethod
-    async def open(cls, path: str, synchronous: str = "NORMAL") -> SqliteStore:
+    async def open(cls, path: str, synchronous: str = "NORMAL") -> Self:
         store = cls(path, synchronous)
         store._loop = asyncio.get_running_loop()
         await store._run(store._connect)
