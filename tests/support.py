@@ -17,6 +17,7 @@ from service.app import RunningService, start_service
 from service.brevo.client import RetryPolicy
 from service.brevo.sandbox import BrevoSandbox
 from service.config import Config, load_config
+from service.core.models import Handoff, HandoffState
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
 
@@ -36,6 +37,20 @@ def fixture(name: str, visitor_id: str | None = None) -> dict[str, object]:
         assert isinstance(visitor, dict)
         visitor["id"] = visitor_id
     return body
+
+
+def sample_handoff(n: int, conversation: str | None = None) -> Handoff:
+    """A pending handoff for store tests: ids ho_<n>, hf_<n>, conv-<n>."""
+    return Handoff(
+        id=f"ho_{n}",
+        conversation_id=conversation or f"conv-{n}",
+        visitor_id=f"hf_{n}",
+        state=HandoffState.PENDING_AGENT,
+        created_at_ms=1000 + n,
+        updated_at_ms=1000 + n,
+        metadata={"k": "v"},
+        opening_parts=("hello",),
+    )
 
 
 MARTA = "HmN3bV7cX2zL9kJ4q"  # the agent of fragment_minimal.json

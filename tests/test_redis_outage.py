@@ -29,18 +29,8 @@ from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 
 
 @pytest.fixture
-async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def service(tmp_path: Path, redis: RedisServer) -> AsyncIterator[Harness]:
-    h = await open_harness(make_config(tmp_path, "--redis-url", redis.url))
+async def service(tmp_path: Path, private_redis: RedisServer) -> AsyncIterator[Harness]:
+    h = await open_harness(make_config(tmp_path, "--redis-url", private_redis.url))
     try:
         yield h
     finally:
@@ -62,9 +52,9 @@ async def wait_ready(h: Harness) -> None:
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "crashed"])
 async def test_redis_down_gives_clean_errors_and_nothing_acknowledged_is_lost(
-    service: Harness, redis: RedisServer, how: signal.Signals
+    service: Harness, private_redis: RedisServer, how: signal.Signals
 ) -> None:
-    h = service
+    h, redis = service, private_redis
     handoff = await h.start_handoff("conv-outage")
     assert h.sandbox.messages(handoff.visitor_id)  # the opening message reached Brevo
     first = await h.post(agent_fragment(handoff.visitor_id, "msg-1", "before the outage", 1))

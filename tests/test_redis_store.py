@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from redis_server import RedisServer
-from support import until
+from support import sample_handoff, until
 
 from service.core.errors import (
     ConcurrentUpdate,
@@ -26,7 +26,6 @@ from service.core.errors import (
 from service.core.models import (
     Commit,
     EndReason,
-    Handoff,
     HandoffEnded,
     HandoffState,
     NewEvent,
@@ -34,17 +33,6 @@ from service.core.models import (
     StoredEvent,
 )
 from service.storage.redis_store import RedisSettings, RedisStore
-
-
-def handoff(n: int) -> Handoff:
-    return Handoff(
-        id=f"ho_{n}",
-        conversation_id=f"conv-{n}",
-        visitor_id=f"hf_{n}",
-        state=HandoffState.PENDING_AGENT,
-        created_at_ms=1000 + n,
-        updated_at_ms=1000 + n,
-    )
 
 
 class Feed:
@@ -100,7 +88,7 @@ async def test_every_replica_receives_every_commit_once_in_order(
     b = await open_store(stores, settings)
     feed_a, feed_b = Feed(a), Feed(b)
     for n in range(6):
-        await a.create_handoff(handoff(n))
+        await a.create_handoff(sample_handoff(n))
 
     async def write(store: RedisStore, n: int) -> None:
         await add_events(store, f"ho_{n}", 5)
@@ -120,7 +108,7 @@ async def test_a_resent_commit_applies_once(settings: RedisSettings) -> None:
     """A commit whose reply was lost is sent again with the same token: nothing doubles."""
     store = await RedisStore.open(settings, make_token=lambda: "same-token")
     try:
-        h, _ = await store.create_handoff(handoff(1))
+        h, _ = await store.create_handoff(sample_handoff(1))
         commit = Commit(h, 0, events=(NewEvent(5, NoAgentAvailable()),), seen_message_ids=("m",))
         first = await store.commit(commit)
         again = await store.commit(commit)
@@ -144,7 +132,7 @@ async def test_a_cursor_into_trimmed_events_is_refused_and_no_cursor_reads_what_
     stores: list[RedisStore], settings: RedisSettings
 ) -> None:
     store = await open_store(stores, settings, stream_maxlen=10, all_stream_maxlen=10)
-    await store.create_handoff(handoff(1))
+    await store.create_handoff(sample_handoff(1))
     stored = await add_events(store, "ho_1", 300)
     kept = await store.read_events("ho_1", 0, 1000)
     # MAXLEN ~ trims whole nodes: at least 10 are kept, the oldest are gone.
@@ -160,7 +148,7 @@ async def test_a_handoffs_keys_expire_after_the_retention(
     stores: list[RedisStore], settings: RedisSettings, redis_server: RedisServer
 ) -> None:
     store = await open_store(stores, settings, retention_s=0.4)
-    h, _ = await store.create_handoff(handoff(1))
+    h, _ = await store.create_handoff(sample_handoff(1))
     ended = dataclasses.replace(h, state=HandoffState.ENDED, end_reason=EndReason.TIMED_OUT)
     await store.commit(
         Commit(
@@ -244,17 +232,6 @@ async def test_a_held_lease_is_renewed_past_its_length(
                 pass
 
 
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    """A redis-server of this test's own, to stop and start."""
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 async def wait_ready(store: RedisStore, timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
         while True:
@@ -272,7 +249,7 @@ async def test_redis_going_away_interrupts_and_coming_back_resumes(
     store = await RedisStore.open(RedisSettings(private_redis.url, prefix="{p}"))
     feed = Feed(store)
     try:
-        await store.create_handoff(handoff(1))
+        await store.create_handoff(sample_handoff(1))
         before = await add_events(store, "ho_1", 3)
         await feed.wait_for(3)
 
@@ -301,7 +278,7 @@ async def test_a_redis_that_lost_its_data_is_reported(
     store = await RedisStore.open(RedisSettings(private_redis.url, prefix="{p}"))
     feed = Feed(store)
     try:
-        await store.create_handoff(handoff(1))
+        await store.create_handoff(sample_handoff(1))
         await add_events(store, "ho_1", 3)
         await feed.wait_for(3)
         private_redis.stop(signal.SIGKILL)
@@ -326,7 +303,7 @@ async def test_opening_while_redis_is_down_starts_not_ready(tmp_path: Path) -> N
             await store.ping()
         server.start()
         await wait_ready(store)
-        created, was_created = await store.create_handoff(handoff(1))
+        created, was_created = await store.create_handoff(sample_handoff(1))
         assert was_created
         assert await store.get_handoff("ho_1") == created
     finally:

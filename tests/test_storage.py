@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from redis_server import RedisServer
+from support import sample_handoff
 
 from service.core.errors import ConcurrentUpdate, HandoffError, StoreUnavailable
 from service.core.models import (
@@ -17,7 +18,6 @@ from service.core.models import (
     AgentMessage,
     Commit,
     EndReason,
-    Handoff,
     HandoffEnded,
     HandoffState,
     NewEvent,
@@ -29,19 +29,6 @@ from service.storage.redis_store import RedisSettings, RedisStore
 from service.storage.sqlite import SqliteStore
 
 Opener = Callable[[], Awaitable[HandoffStore]]
-
-
-def handoff(n: int, conversation: str | None = None) -> Handoff:
-    return Handoff(
-        id=f"ho_{n}",
-        conversation_id=conversation or f"conv-{n}",
-        visitor_id=f"hf_{n}",
-        state=HandoffState.PENDING_AGENT,
-        created_at_ms=1000 + n,
-        updated_at_ms=1000 + n,
-        metadata={"k": "v"},
-        opening_parts=("hello",),
-    )
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -70,21 +57,21 @@ async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 async def test_create_is_unique_per_open_conversation(opener: Opener) -> None:
     store = await opener()
-    first, created = await store.create_handoff(handoff(1, "same"))
+    first, created = await store.create_handoff(sample_handoff(1, "same"))
     assert created
-    again, created_again = await store.create_handoff(handoff(2, "same"))
+    again, created_again = await store.create_handoff(sample_handoff(2, "same"))
     assert (again.id, created_again) == ("ho_1", False)
     assert await store.find_open_by_conversation("same") == first
     ended = dataclasses.replace(first, state=HandoffState.ENDED, end_reason=EndReason.TIMED_OUT)
     await store.commit(Commit(ended, expected_version=0))
     assert await store.find_open_by_conversation("same") is None
-    fresh, created_fresh = await store.create_handoff(handoff(3, "same"))
+    fresh, created_fresh = await store.create_handoff(sample_handoff(3, "same"))
     assert (fresh.id, created_fresh) == ("ho_3", True)
 
 
 async def test_lookups(opener: Opener) -> None:
     store = await opener()
-    h, _ = await store.create_handoff(handoff(1))
+    h, _ = await store.create_handoff(sample_handoff(1))
     assert await store.get_handoff("ho_1") == h
     assert await store.get_handoff("nope") is None
     assert await store.find_by_visitor("hf_1") == h
@@ -97,7 +84,7 @@ async def test_lookups(opener: Opener) -> None:
 
 async def test_commit_is_atomic_and_versioned(opener: Opener) -> None:
     store = await opener()
-    h, _ = await store.create_handoff(handoff(1))
+    h, _ = await store.create_handoff(sample_handoff(1))
     agent = Agent("A", "Ann")
     events = (
         NewEvent(5, AgentMessage("m1", agent, "one")),
@@ -133,8 +120,8 @@ async def test_commit_is_atomic_and_versioned(opener: Opener) -> None:
 async def test_read_events_pages_filters_and_knows_the_last_position(opener: Opener) -> None:
     store = await opener()
     assert await store.last_seq() == 0
-    a, _ = await store.create_handoff(handoff(1))
-    b, _ = await store.create_handoff(handoff(2))
+    a, _ = await store.create_handoff(sample_handoff(1))
+    b, _ = await store.create_handoff(sample_handoff(2))
     for i in range(5):
         for h in (a, b):
             current = await store.get_handoff(h.id)
@@ -162,7 +149,7 @@ async def test_listener_gets_every_commit_in_log_order(opener: Opener) -> None:
 
     store.set_listener(listen, interruptions.append)
     for n in range(20):
-        await store.create_handoff(handoff(n))
+        await store.create_handoff(sample_handoff(n))
     await store.ping()  # ready: from here on no commit may be missed
     interruptions.clear()  # a feed may announce its start, before it is ready
 
@@ -184,7 +171,7 @@ async def test_listener_gets_every_commit_in_log_order(opener: Opener) -> None:
 
 async def test_everything_survives_reopening(opener: Opener) -> None:
     store = await opener()
-    h, _ = await store.create_handoff(handoff(1))
+    h, _ = await store.create_handoff(sample_handoff(1))
     ended = dataclasses.replace(h, state=HandoffState.ENDED, end_reason=EndReason.STOPPED_BY_BOT)
     stored = await store.commit(
         Commit(
@@ -201,7 +188,7 @@ async def test_everything_survives_reopening(opener: Opener) -> None:
     assert await reopened.read_events("ho_1", 0, 10) == stored
     assert await reopened.seen_message_ids("ho_1", ["x"]) == {"x"}
     assert await reopened.client_message("ho_1", "c") == "b"
-    later, _ = await reopened.create_handoff(handoff(2))
+    later, _ = await reopened.create_handoff(sample_handoff(2))
     new = await reopened.commit(Commit(later, 0, events=(NewEvent(1, NoAgentAvailable()),)))
     assert new[0].seq > stored[0].seq  # positions are never reused
 
@@ -217,7 +204,7 @@ async def test_ping_answers_while_open_and_fails_clearly_once_closed(opener: Ope
 async def test_pending_before(opener: Opener) -> None:
     store = await opener()
     for n in (1, 2, 3):
-        await store.create_handoff(handoff(n))
+        await store.create_handoff(sample_handoff(n))
     h2 = await store.get_handoff("ho_2")
     assert h2 is not None
     await store.commit(Commit(dataclasses.replace(h2, state=HandoffState.ACTIVE), 0))
