@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,10 +20,20 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.stop()
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def store_flags(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """The flags that put the service's state in SQLite, or in the session's Redis under a
+    key prefix of this test's own: the service's behaviour must not depend on the store."""
+    if request.param == "sqlite":
+        return ()
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return ("--redis-url", server.url, "--redis-key-prefix", f"{{t{secrets.token_hex(6)}}}")
+
+
 @pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    """The whole service (gRPC, gateway, SQLite, Brevo sandbox) on free loopback ports."""
-    h = await open_harness(make_config(tmp_path))
+async def harness(tmp_path: Path, store_flags: tuple[str, ...]) -> AsyncIterator[Harness]:
+    """The whole service (gRPC, gateway, store, Brevo sandbox) on free loopback ports."""
+    h = await open_harness(make_config(tmp_path, *store_flags))
     try:
         yield h
     finally:

@@ -12,8 +12,8 @@ from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 SAM = SANDBOX_AGENT["id"]
 
 
-async def test_whole_conversation_in_order(tmp_path: Path) -> None:
-    h = await open_harness(make_config(tmp_path, "--sandbox-agent", "on"))
+async def test_whole_conversation_in_order(tmp_path: Path, store_flags: tuple[str, ...]) -> None:
+    h = await open_harness(make_config(tmp_path, "--sandbox-agent", "on", *store_flags))
     try:
         handoff = await h.start_handoff(
             user=pb.User(name="Ada L.", email="ada@example.org"), title="Damaged order"

@@ -47,8 +47,10 @@ async def test_resume_goes_live_without_gap_or_duplicate(harness: Harness) -> No
     assert message_texts(events) == [f"m{i}" for i in range(1, 21)]
 
 
-async def test_resume_across_a_restart_on_the_same_sqlite_file(tmp_path: Path) -> None:
-    config = make_config(tmp_path)
+async def test_resume_across_a_restart_on_the_same_store(
+    tmp_path: Path, store_flags: tuple[str, ...]
+) -> None:
+    config = make_config(tmp_path, *store_flags)
     h = await open_harness(config)
     handoff = await h.start_handoff()
     await agent_writes(h, handoff.visitor_id, "before restart")

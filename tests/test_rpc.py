@@ -361,8 +361,10 @@ async def test_stop_handoff_with_custom_notice_and_brevo_down(harness: Harness) 
     assert texts(harness, handoff.visitor_id)[-1] == "Bye!"
 
 
-async def test_agent_timeout_ends_the_handoff_and_tells_the_agent(tmp_path: Path) -> None:
-    h = await open_harness(make_config(tmp_path, "--agent-timeout-seconds", "0.3"))
+async def test_agent_timeout_ends_the_handoff_and_tells_the_agent(
+    tmp_path: Path, store_flags: tuple[str, ...]
+) -> None:
+    h = await open_harness(make_config(tmp_path, "--agent-timeout-seconds", "0.3", *store_flags))
     try:
         handoff = await h.start_handoff()
         events = await h.collect(handoff.id, 1, timeout_s=10)
@@ -374,8 +376,10 @@ async def test_agent_timeout_ends_the_handoff_and_tells_the_agent(tmp_path: Path
         await close_harness(h)
 
 
-async def test_an_answered_handoff_does_not_time_out(tmp_path: Path) -> None:
-    h = await open_harness(make_config(tmp_path, "--agent-timeout-seconds", "0.3"))
+async def test_an_answered_handoff_does_not_time_out(
+    tmp_path: Path, store_flags: tuple[str, ...]
+) -> None:
+    h = await open_harness(make_config(tmp_path, "--agent-timeout-seconds", "0.3", *store_flags))
     try:
         handoff = await h.start_handoff()
         await h.sandbox.agent_says(handoff.visitor_id, "I'm here")
