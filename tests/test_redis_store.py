@@ -22,6 +22,7 @@ from service.core.errors import (
     CursorExpired,
     HandoffError,
     StoreUnavailable,
+    StreamOverflow,
 )
 from service.core.models import (
     Commit,
@@ -309,3 +310,36 @@ async def test_opening_while_redis_is_down_starts_not_ready(tmp_path: Path) -> N
     finally:
         await store.close()
         server.stop()
+
+
+async def test_a_feed_that_fell_behind_the_trimming_says_so(
+    stores: list[RedisStore], settings: RedisSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica whose feed stalled (a slow network) while the log was trimmed past it
+    interrupts its streams rather than silently skip what it never read."""
+    slow = await open_store(stores, settings, all_stream_maxlen=10)
+    writer = await open_store(stores, settings, stream_maxlen=10, all_stream_maxlen=10)
+    feed = Feed(slow)
+    await writer.create_handoff(sample_handoff(1))
+    await add_events(writer, "ho_1", 1)
+    await feed.wait_for(1)
+    network = asyncio.Event()
+    real_xread = slow._tail_redis.xread
+
+    async def stalled_xread(*args: object, **kwargs: object) -> object:
+        await network.wait()
+        return await real_xread(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(slow._tail_redis, "xread", stalled_xread)
+    await add_events(writer, "ho_1", 1)  # answers the XREAD already in flight
+    await feed.wait_for(2)
+    stored = await add_events(writer, "ho_1", 300)  # meanwhile the next XREAD stalls
+    assert feed.interruptions == []
+    network.set()
+    await until(lambda: bool(feed.interruptions), what="the gap is reported")
+    assert isinstance(feed.interruptions[0], StreamOverflow)
+    assert "trimmed from the log before it read them" in str(feed.interruptions[0])
+    # It goes on with what is left, in order, and the clients resume from the log.
+    await until(lambda: feed.events[-1] == stored[-1], what="the feed catches up")
+    later = feed.events[2:]
+    assert later == stored[-len(later) :]
