@@ -204,7 +204,7 @@ async def test_a_lease_left_by_a_dead_replica_frees_itself(
     raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         # A replica took the lease and died: nobody renews it.
-        await raw.set(f"{settings.prefix}:lock:send:ho_1", "dead-replica", px=300)
+        await raw.set(f"{settings.prefix}:lock:send:ho_1", "dead-replica", px=1000)
         quick = store.locks(wait_s=0.1)
         with pytest.raises(ConcurrentUpdate, match="busy on another replica"):
             async with quick.hold("send:ho_1"):
@@ -223,11 +223,11 @@ async def test_a_held_lease_is_renewed_past_its_length(
 ) -> None:
     store = await open_store(stores, settings)
     holder, other = (
-        store.locks(lease_s=0.3),
+        store.locks(lease_s=0.9),
         (await open_store(stores, settings)).locks(wait_s=0.05),
     )
     async with holder.hold("send:ho_2"):
-        await asyncio.sleep(0.7)  # more than twice the lease
+        await asyncio.sleep(2.0)  # more than twice the lease
         with pytest.raises(ConcurrentUpdate):
             async with other.hold("send:ho_2"):
                 pass
