@@ -19,11 +19,14 @@ from service.core.handoffs import HandoffManager, HandoffSettings
 from service.core.inbound import ServiceIdentity
 from service.core.ports import HandoffStore, Locks
 from service.http_server import RunningHttpServer, start_http_server
+from service.rpc.health import HealthReporter
 from service.rpc.server import create_server
 from service.storage.redis_store import RedisSettings, RedisStore, describe_url
 from service.storage.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
+
+HEALTH_CHECK_INTERVAL_S = 1.0
 
 
 class StartupError(Exception):
@@ -38,6 +41,7 @@ class RunningService:
     brevo: BrevoClient
     grpc_server: grpc.aio.Server
     grpc_port: int
+    health: HealthReporter
     http: RunningHttpServer
     sandbox: BrevoSandbox | None = None
     sandbox_http: RunningHttpServer | None = None
@@ -59,6 +63,7 @@ class RunningService:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stops taking webhooks and calls, lets running calls finish within ``grace_s``."""
+        await self.health.shut_down()
         await self.http.stop(grace_s)
         await self.grpc_server.stop(grace_s)
         for task in self.background:
@@ -151,7 +156,9 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
             locks=locks,
         )
         try:
-            grpc_server, grpc_port = await create_server(manager, config.host, config.grpc_port)
+            grpc_server, grpc_port, health = await create_server(
+                manager, config.host, config.grpc_port
+            )
         except (OSError, RuntimeError) as exc:
             raise StartupError(
                 f"cannot listen for gRPC on port {config.grpc_port}: {exc}"
@@ -183,12 +190,16 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
         brevo=brevo,
         grpc_server=grpc_server,
         grpc_port=grpc_port,
+        health=health,
         http=http,
         sandbox=sandbox,
         sandbox_http=sandbox_http,
     )
     if sandbox is not None:
         sandbox.set_webhook_url(running.webhook_url)
+    running.background.append(
+        asyncio.create_task(health.follow(manager.check_ready, HEALTH_CHECK_INTERVAL_S))
+    )
     if config.agent_timeout_s > 0:
         interval = min(max(config.agent_timeout_s / 10, 0.05), 5.0)
         running.background.append(asyncio.create_task(manager.run_timeouts(interval)))
