@@ -173,11 +173,6 @@ class RedisStore:
         self._listener = listener
         self._on_interrupt = on_interrupt
 
-    @property
-    def feed_connected(self) -> bool:
-        """Whether this process is receiving the event feed right now."""
-        return self._feed_connected
-
     async def _call(self, what: str, op: Awaitable[T]) -> T:
         if self._closed:
             if asyncio.iscoroutine(op):
