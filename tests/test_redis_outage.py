@@ -22,7 +22,6 @@ from support import (
     make_config,
     open_harness,
     summarize,
-    until,
 )
 
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
@@ -30,7 +29,9 @@ from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 
 @pytest.fixture
 async def service(tmp_path: Path, private_redis: RedisServer) -> AsyncIterator[Harness]:
-    h = await open_harness(make_config(tmp_path, "--redis-url", private_redis.url))
+    h = await open_harness(
+        make_config(tmp_path, "--redis-url", private_redis.url, "--heartbeat-seconds", "0.2")
+    )
     try:
         yield h
     finally:
@@ -65,14 +66,20 @@ async def test_redis_down_gives_clean_errors_and_nothing_acknowledged_is_lost(
         pb.StreamAgentRepliesRequest(handoff_id=handoff.id, after_cursor=before[-1].cursor)
     )
     assert await ready(h) == 200
-    await until(lambda: h.running.manager.open_streams == 1, what="the stream is live")
+    # A heartbeat comes only once the replay is over: the stream is live.
+    first_item = await asyncio.wait_for(stream.read(), 5)
+    assert isinstance(first_item, pb.StreamAgentRepliesResponse)
+    assert first_item.WhichOneof("item") == "heartbeat"
 
     redis.stop(how)
 
     # The open stream ends, telling the client what to do.
-    with pytest.raises(grpc.aio.AioRpcError) as ended:
-        async for _ in stream:
+    async def read_to_the_end() -> None:
+        while await asyncio.wait_for(stream.read(), 5) is not grpc.aio.EOF:
             pass
+
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await read_to_the_end()
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "reconnect with after_cursor" in str(ended.value.details())
     # Every call says UNAVAILABLE, and what failed.

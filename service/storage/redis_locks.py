@@ -13,10 +13,10 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Protocol, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from service.core.errors import ConcurrentUpdate, StoreUnavailable
 from service.core.locks import KeyedLocks
@@ -24,19 +24,27 @@ from service.storage import redis_scripts
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+
+class Caller(Protocol):
+    """Runs one Redis command, turning Redis errors into StoreUnavailable (the store's own)."""
+
+    async def __call__(self, what: str, op: Awaitable[T], /) -> T: ...
+
 
 class RedisLocks:
     def __init__(
         self,
         client: aioredis.Redis,
         prefix: str,
-        where: str,
+        call: Caller,
         lease_s: float = 10.0,
         wait_s: float = 30.0,
     ) -> None:
         self._redis = client
         self._prefix = prefix
-        self._where = where
+        self._call = call
         self._lease_ms = int(lease_s * 1000)
         self._wait_s = wait_s
         self._local = KeyedLocks()
@@ -57,8 +65,8 @@ class RedisLocks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await renewing
                 try:
-                    await self._release(keys=[name], args=[token])
-                except RedisError as exc:
+                    await self._call("release a lease", self._release(keys=[name], args=[token]))
+                except StoreUnavailable as exc:
                     log.warning("could not release lease %s (%s); it expires by itself", key, exc)
 
     async def _acquire(self, key: str, name: str, token: str) -> None:
@@ -66,16 +74,12 @@ class RedisLocks:
         deadline = loop.time() + self._wait_s
         delay = 0.005
         while True:
-            try:
-                if await self._redis.set(name, token, nx=True, px=self._lease_ms):
-                    return
-                # A resent SET whose first reply was lost finds our own token.
-                if await self._redis.get(name) == token:
-                    return
-            except RedisError as exc:
-                raise StoreUnavailable(
-                    f"Redis at {self._where} failed to take a lease: {type(exc).__name__}: {exc}"
-                ) from exc
+            taken = self._redis.set(name, token, nx=True, px=self._lease_ms)
+            if await self._call("take a lease", taken):
+                return
+            # A resent SET whose first reply was lost finds our own token.
+            if await self._call("read a lease", self._redis.get(name)) == token:
+                return
             if loop.time() >= deadline:
                 raise ConcurrentUpdate(
                     f"{key} stayed busy on another replica for {self._wait_s:g} s; retry"
@@ -87,8 +91,10 @@ class RedisLocks:
         while True:
             await asyncio.sleep(self._lease_ms / 3000)
             try:
-                renewed = await self._renew(keys=[name], args=[token, self._lease_ms])
-            except RedisError as exc:
+                renewed = await self._call(
+                    "renew a lease", self._renew(keys=[name], args=[token, self._lease_ms])
+                )
+            except StoreUnavailable as exc:
                 log.warning("could not renew lease %s (%s); will try again", name, exc)
                 continue
             if not renewed:

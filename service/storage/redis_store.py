@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from service.core.codec import (
@@ -126,6 +127,11 @@ class RedisStore:
         self._feed_connected = False
         self._feed_ready = asyncio.Event()
         self._closed = False
+        # Commands in flight: close() lets them finish first, because a command that meets a
+        # closed connection pool reconnects and would leave a connection open.
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @classmethod
     async def open(
@@ -167,17 +173,20 @@ class RedisStore:
 
     def locks(self, lease_s: float = 10.0, wait_s: float = 30.0) -> RedisLocks:
         """Leases on this Redis: mutual exclusion across every replica sharing it."""
-        return RedisLocks(self._redis, self._settings.prefix, self._where, lease_s, wait_s)
+        return RedisLocks(self._redis, self._settings.prefix, self._call, lease_s, wait_s)
 
     def set_listener(self, listener: EventListener, on_interrupt: InterruptListener) -> None:
         self._listener = listener
         self._on_interrupt = on_interrupt
 
     async def _call(self, what: str, op: Awaitable[T]) -> T:
+        """Every command goes through here: Redis errors become StoreUnavailable."""
         if self._closed:
             if asyncio.iscoroutine(op):
                 op.close()
             raise StoreUnavailable("the store is closed")
+        self._in_flight += 1
+        self._idle.clear()
         try:
             return await op
         except RedisError as exc:
@@ -185,6 +194,10 @@ class RedisStore:
                 f"Redis at {self._where} failed to {what}: {type(exc).__name__}: {exc} "
                 "(retry with backoff)"
             ) from exc
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -394,6 +407,8 @@ class RedisStore:
                 if not self._feed_connected:
                     last = await self._resume_point(last)
                 assert last is not None
+                if self._closed:
+                    return
                 reply = await self._tail_redis.xread(
                     {self._events_key: f"0-{last}"},
                     count=TAIL_BATCH,
@@ -438,6 +453,8 @@ class RedisStore:
 
     async def _resume_point(self, last: int | None) -> int:
         """Where the feed goes on after (re)connecting: its old place, unless the log moved."""
+        if self._closed:
+            raise RedisConnectionError("the store is closed")
         newest_raw = await self._tail_redis.get(self._seq_key)
         newest = int(newest_raw) if newest_raw else 0
         if last is None or newest < last:
@@ -477,12 +494,18 @@ class RedisStore:
             return
         self._closed = True
         # redis-py lets a command finish even when its task is cancelled, so a blocked XREAD
-        # would hold on for its whole BLOCK time: cut its connection instead.
+        # would hold on for its whole BLOCK time: cut its connection instead. The feed sees
+        # the store closed before each command and stops by itself.
         await self._tail_redis.aclose()
         if self._tail_task is not None:
-            self._tail_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tail_task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._tail_task), self._settings.timeout_s)
+            except TimeoutError:
+                self._tail_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._tail_task
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self._settings.timeout_s)
         await self._redis.aclose()
 
 
