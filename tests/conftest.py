@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -49,3 +50,11 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """A connection or socket a test leaves open then fails that very test (warnings are
+    errors), not whichever later test the garbage collector happens to run in."""
+    yield
+    gc.collect()
