@@ -8,24 +8,18 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import redis
+from support import free_port
 
 INSTALL_HINT = (
     "redis-server is not installed; `make test` installs it through scripts/ensure-redis.sh "
     "(apt-get install -y redis-server)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

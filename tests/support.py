@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
 import json
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,11 +216,26 @@ def all_summaries(events: Sequence[pb.HandoffEvent]) -> list[tuple[object, ...]]
     return [summarize(e) for e in events]
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0, what: str = "") -> None:
-    """Waits until ``condition()`` holds: for state another task or process changes."""
+async def until(
+    condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 5.0, what: str = ""
+) -> None:
+    """Waits until ``condition()`` holds (it may be a coroutine function): for state that
+    another task or process changes and that has no event to wait on."""
+
+    async def holds() -> bool:
+        result = condition()
+        return await result if inspect.isawaitable(result) else result
+
     try:
         async with asyncio.timeout(timeout_s):
-            while not condition():  # noqa: ASYNC110 (the state has no event to wait on)
+            while not await holds():  # noqa: ASYNC110 (nothing to wait on but the state)
                 await asyncio.sleep(0.005)
     except TimeoutError:
         raise AssertionError(f"still not true after {timeout_s} s: {what}") from None
+
+
+def free_port() -> int:
+    """A loopback port free right now, for a process that must be told its port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

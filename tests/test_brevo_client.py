@@ -7,7 +7,6 @@ import json
 import logging
 import random
 import re
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from support import Dispatch
+from support import Dispatch, free_port
 
 from service.brevo.client import AgentIdentity, BrevoClient, RetryPolicy, retry_delay
 from service.brevo.sandbox import BrevoSandbox, Fault
@@ -152,12 +151,6 @@ def replay_uniform(*highs: float) -> list[float]:
     """What a Random(SEED) gives for successive uniform(0, high) calls."""
     rng = random.Random(SEED)
     return [rng.uniform(0.0, high) for high in highs]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- sending ----------------------------------------------------------------------------

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import Harness
+from support import Harness, until
 
 from service.rpc.server import HANDOFF_SERVICE
 
@@ -25,13 +24,11 @@ async def status(harness: Harness, service: str = "") -> int:
 
 
 async def eventually_status(harness: Harness, wanted: int) -> None:
-    for _ in range(100):
-        if await status(harness) == wanted and await status(harness, HANDOFF_SERVICE) == wanted:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(
-        f"health never became {health_pb2.HealthCheckResponse.ServingStatus.Name(wanted)}"
-    )
+    async def reached() -> bool:
+        return await status(harness) == await status(harness, HANDOFF_SERVICE) == wanted
+
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(wanted)
+    await until(reached, timeout_s=5, what=f"health {name}")
 
 
 async def test_health_is_serving_for_the_server_and_the_service(harness: Harness) -> None:

@@ -22,6 +22,7 @@ from support import (
     make_config,
     open_harness,
     summarize,
+    until,
 )
 
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
@@ -44,11 +45,10 @@ async def ready(h: Harness) -> int:
 
 
 async def wait_ready(h: Harness) -> None:
-    for _ in range(500):
-        if await ready(h) == 200:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("/readyz still not 200 after 10 s")
+    async def is_ready() -> bool:
+        return await ready(h) == 200
+
+    await until(is_ready, timeout_s=10, what="/readyz 200")
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "crashed"])

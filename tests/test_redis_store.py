@@ -233,14 +233,15 @@ async def test_a_held_lease_is_renewed_past_its_length(
                 pass
 
 
-async def wait_ready(store: RedisStore, timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            try:
-                await store.ping()
-                return
-            except StoreUnavailable:
-                await asyncio.sleep(0.02)
+async def wait_ready(store: RedisStore) -> None:
+    async def answers() -> bool:
+        try:
+            await store.ping()
+        except StoreUnavailable:
+            return False
+        return True
+
+    await until(answers, timeout_s=10, what="the store is ready")
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stop", "crash"])

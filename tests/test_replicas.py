@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from redis_server import RedisServer, free_port
-from support import MARTA, SERVICE_AGENT_ID, agent_fragment, all_summaries
+from redis_server import RedisServer
+from support import MARTA, SERVICE_AGENT_ID, agent_fragment, all_summaries, free_port
 
 from service.brevo.sandbox import BrevoSandbox
 from service.http_server import RunningHttpServer, start_http_server

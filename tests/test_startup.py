@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from support import SERVICE_AGENT_ID
+from support import SERVICE_AGENT_ID, free_port
 
 from service.brevo.sandbox import BrevoSandbox
 from service.config import load_config
@@ -24,12 +23,6 @@ from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "xkeysib-0123456789abcdef-TestSecretKey"
 TOKEN = "tok_ThisIsTheWebhookSecret_42"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def base_env(tmp_path: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from redis_server import RedisServer
-from support import sample_handoff
+from support import sample_handoff, until
 
 from service.core.errors import ConcurrentUpdate, HandoffError, StoreUnavailable
 from service.core.models import (
@@ -159,10 +159,8 @@ async def test_listener_gets_every_commit_in_log_order(opener: Opener) -> None:
         await store.commit(Commit(h, h.version, events=(NewEvent(n, NoAgentAvailable()),)))
 
     await asyncio.gather(*(write(n) for n in range(20)))
-    for _ in range(200):  # a shared backend delivers through its feed: allow it a moment
-        if len(received) >= 20:
-            break
-        await asyncio.sleep(0.01)
+    # A shared backend delivers through its feed: allow it a moment.
+    await until(lambda: len(received) >= 20, what="20 events delivered")
     assert [e.seq for e in received] == sorted(e.seq for e in received)
     assert received == await store.read_events(None, 0, 100)
     await asyncio.sleep(0.05)

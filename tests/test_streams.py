@@ -185,9 +185,16 @@ async def test_an_interrupted_feed_ends_live_streams_at_once_and_they_resume(
 async def test_a_cursor_beyond_the_newest_event_is_refused(manager: HandoffManager) -> None:
     handoff, _ = await manager.start(StartRequest("c"))
     await agent_messages(manager, handoff.visitor_id, 1)
+    replay = await manager.events(handoff.id, "")
+    await next_event(replay)
+    newest = await next_event(replay)
+    await replay.aclose()  # type: ignore[attr-defined]
+    beyond = f"c1.{newest.seq + 1}"
     for handoff_id in (handoff.id, ""):
         with pytest.raises(CursorExpired, match="reconnect without after_cursor") as caught:
-            await manager.events(handoff_id, "c1.999")
+            await manager.events(handoff_id, beyond)
         assert isinstance(caught.value, HandoffError)
-    newest = await manager.events(handoff.id, "c1.2")  # the newest is fine
-    assert newest is not None
+    # The newest cursor itself is fine: nothing to replay, the stream is live at once.
+    live = await manager.events(handoff.id, newest.cursor)
+    assert isinstance(await asyncio.wait_for(anext(live), 5), Heartbeat)
+    await live.aclose()  # type: ignore[attr-defined]

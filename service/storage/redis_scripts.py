@@ -75,18 +75,16 @@ for _ = 1, tonumber(ARGV[13]) do
   previous = seq
   i = i + 2
 end
-local seen = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, seen do
-  redis.call('SADD', KEYS[6], ARGV[i])
-  i = i + 1
+-- A count, then that many ids, from ARGV[i] on; returns the index after them.
+local function add_ids(key, at)
+  local count = tonumber(ARGV[at])
+  for k = 1, count do
+    redis.call('SADD', key, ARGV[at + k])
+  end
+  return at + count + 1
 end
-local sent = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, sent do
-  redis.call('SADD', KEYS[7], ARGV[i])
-  i = i + 1
-end
+i = add_ids(KEYS[6], i)
+i = add_ids(KEYS[7], i)
 if ARGV[i] ~= '' then
   redis.call('HSETNX', KEYS[8], ARGV[i], ARGV[i + 1])
 end
