@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 import secrets
+import time
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -19,6 +20,7 @@ from starlette.routing import Route
 from service.core import errors
 from service.core.brevo_payloads import InvalidPayload
 from service.core.handoffs import HandoffManager
+from service.metrics import CONTENT_TYPE_LATEST, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,12 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_gateway(manager: HandoffManager, token: str, max_body_bytes: int) -> Starlette:
+def create_gateway(
+    manager: HandoffManager, token: str, max_body_bytes: int, metrics: Metrics | None = None
+) -> Starlette:
     """The webhook app. ``token`` is the secret last segment of the webhook URL."""
     expected = token.encode()
+    counted = metrics if metrics is not None else Metrics()
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length", "")
@@ -49,36 +54,48 @@ def create_gateway(manager: HandoffManager, token: str, max_body_bytes: int) -> 
         return b"".join(chunks)
 
     async def brevo_webhook(request: Request) -> Response:
+        received_at_ms = time.time_ns() // 1_000_000
         given = str(request.path_params["token"]).encode()
         if not hmac.compare_digest(given, expected):
+            counted.webhook("", "unauthorized")
             return _error(404, "not found")
         try:
             raw = await read_body(request)
         except _TooLarge:
+            counted.webhook("", "too_large")
             return _error(413, f"body larger than {max_body_bytes} bytes")
         except ClientDisconnect:
+            counted.webhook("", "invalid")
             return _error(400, "the client disconnected before sending the whole body")
         try:
             body: object = json.loads(raw)
         except RecursionError:
+            counted.webhook("", "invalid")
             return _error(400, "body is nested too deeply to be a Brevo webhook")
         except ValueError as exc:  # includes invalid UTF-8
+            counted.webhook("", "invalid")
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             return _error(400, f"body is not valid JSON: {reason}")
+        event_name = _event_name(body)
         try:
-            outcome = await manager.handle_webhook(body)
+            outcome = await manager.handle_webhook(body, received_at_ms)
         except InvalidPayload as exc:
+            counted.webhook(event_name, "invalid")
             return _error(400, exc.problem)
         except errors.StoreUnavailable as exc:
+            counted.webhook(event_name, "unavailable")
             log.warning("webhook not stored, answering 503 so Brevo retries: %s", exc)
             return _error(503, "temporarily unable to store the event; retry later")
         except errors.HandoffError as exc:
+            counted.webhook(event_name, "unavailable")
             log.warning("webhook not stored: %s", exc)
             return _error(503, "temporarily unable to handle the event; retry later")
         except Exception:
+            counted.webhook(event_name, "error")
             ref = secrets.token_hex(4)
             log.exception("webhook failed ref=%s", ref)
             return _error(500, f"internal error (ref {ref})")
+        counted.webhook(outcome.event_name, outcome.outcome)
         if outcome.outcome == "stored":
             log.info(
                 "webhook stored %d event(s)",
@@ -94,17 +111,28 @@ def create_gateway(manager: HandoffManager, token: str, max_body_bytes: int) -> 
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        """Readiness: the store answers (and, on Redis, this replica's event feed is live)."""
+        """Readiness: not shutting down, the Brevo key confirmed, the store answering (and,
+        on Redis, this replica's event feed live)."""
         try:
             await manager.check_ready()
         except errors.HandoffError as exc:
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    async def metrics_page(request: Request) -> Response:
+        """Prometheus text format."""
+        return Response(counted.render(), media_type=CONTENT_TYPE_LATEST)
+
     return Starlette(
         routes=[
             Route("/webhooks/brevo/{token}", brevo_webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_page, methods=["GET"]),
         ]
     )
+
+
+def _event_name(body: object) -> str:
+    name = body.get("eventName") if isinstance(body, dict) else None
+    return name if isinstance(name, str) else ""

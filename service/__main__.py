@@ -13,8 +13,6 @@ from service.logs import configure_logging
 
 log = logging.getLogger("service")
 
-SHUTDOWN_GRACE_S = 10.0
-
 
 async def serve(config: Config) -> None:
     running = await start_service(config)
@@ -36,8 +34,10 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down (grace %.0f s)", SHUTDOWN_GRACE_S)
-    await running.stop(SHUTDOWN_GRACE_S)
+    log.info(
+        "shutting down: draining streams, grace %g s for calls in flight", config.shutdown_grace_s
+    )
+    await running.stop(config.shutdown_grace_s)
 
 
 def main(argv: list[str]) -> int:

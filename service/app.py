@@ -8,8 +8,6 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 
-import grpc
-
 from gateway.app import create_gateway
 from service.brevo.client import AgentIdentity, BrevoClient, RetryPolicy
 from service.brevo.sandbox import BrevoSandbox
@@ -19,14 +17,16 @@ from service.core.handoffs import HandoffManager, HandoffSettings
 from service.core.inbound import ServiceIdentity
 from service.core.ports import HandoffStore, Locks
 from service.http_server import RunningHttpServer, start_http_server
+from service.metrics import Metrics
 from service.rpc.health import HealthReporter
-from service.rpc.server import create_server
+from service.rpc.server import GrpcServer, create_server
 from service.storage.redis_store import RedisSettings, RedisStore, describe_url
 from service.storage.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
 HEALTH_CHECK_INTERVAL_S = 1.0
+BREVO_KEY_RECHECK_S = 5.0
 
 
 class StartupError(Exception):
@@ -39,13 +39,20 @@ class RunningService:
     manager: HandoffManager
     store: HandoffStore
     brevo: BrevoClient
-    grpc_server: grpc.aio.Server
-    grpc_port: int
-    health: HealthReporter
+    grpc: GrpcServer
     http: RunningHttpServer
+    metrics: Metrics
     sandbox: BrevoSandbox | None = None
     sandbox_http: RunningHttpServer | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def grpc_port(self) -> int:
+        return self.grpc.port
+
+    @property
+    def health(self) -> HealthReporter:
+        return self.grpc.health
 
     @property
     def http_port(self) -> int:
@@ -62,10 +69,16 @@ class RunningService:
         )
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Stops taking webhooks and calls, lets running calls finish within ``grace_s``."""
+        """Drains and stops within about ``grace_s``.
+
+        At once: readiness and gRPC health turn to not-serving, open streams end with
+        UNAVAILABLE (their clients resume elsewhere with their cursor) and new streams are
+        refused. Then both servers stop taking new requests and give the ones in flight
+        (a SendMessage waiting on Brevo, a webhook being stored) up to ``grace_s`` to finish.
+        """
+        self.manager.begin_shutdown()
         await self.health.shut_down()
-        await self.http.stop(grace_s)
-        await self.grpc_server.stop(grace_s)
+        await asyncio.gather(self.http.stop(grace_s), self.grpc.stop(grace_s))
         for task in self.background:
             task.cancel()
         for task in self.background:
@@ -118,6 +131,7 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
         sandbox_http = await start_http_server(sandbox.app, "127.0.0.1", config.sandbox_port)
         base_url = f"{sandbox_http.base_url}/v3"
 
+    metrics = Metrics()
     brevo = BrevoClient(
         base_url,
         api_key,
@@ -129,16 +143,10 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
         ),
         timeout_s=config.brevo_timeout_s,
         retry=retry or RetryPolicy(max_attempts=config.brevo_max_attempts),
+        observe=metrics.brevo_call,
     )
     store: HandoffStore | None = None
     try:
-        try:
-            account = await brevo.check_account()
-            log.info("Brevo API key accepted: %s", account)
-        except errors.BrevoAuthRejected as exc:
-            raise StartupError(str(exc)) from None
-        except errors.BrevoUnavailable as exc:
-            log.warning("Brevo could not be reached at start-up; continuing: %s", exc)
         store, locks = await open_store(config)
         manager = HandoffManager(
             store,
@@ -154,10 +162,27 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
                 stream_buffer=config.stream_buffer,
             ),
             locks=locks,
+            on_delivered=metrics.event_delivered,
         )
+        metrics.watch(manager)
         try:
-            grpc_server, grpc_port, health = await create_server(
-                manager, config.host, config.grpc_port
+            log.info("Brevo API key accepted: %s", await manager.check_brevo_key())
+        except errors.BrevoAuthRejected as exc:
+            raise StartupError(str(exc)) from None
+        except errors.BrevoUnavailable as exc:
+            log.warning(
+                "Brevo could not be reached at start-up; not ready until it confirms the API "
+                "key (checking every %.0f s): %s",
+                BREVO_KEY_RECHECK_S,
+                exc,
+            )
+        try:
+            grpc_server = await create_server(
+                manager,
+                config.host,
+                config.grpc_port,
+                max_connection_age_s=config.grpc_max_connection_age_s,
+                max_connection_age_grace_s=config.grpc_max_connection_age_grace_s,
             )
         except (OSError, RuntimeError) as exc:
             raise StartupError(
@@ -165,12 +190,14 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
             ) from None
         try:
             http = await start_http_server(
-                create_gateway(manager, config.webhook_token.reveal(), config.webhook_max_bytes),
+                create_gateway(
+                    manager, config.webhook_token.reveal(), config.webhook_max_bytes, metrics
+                ),
                 config.host,
                 config.http_port,
             )
         except OSError as exc:
-            await grpc_server.stop(0)
+            await grpc_server.server.stop(0)
             raise StartupError(
                 f"cannot listen for webhooks on port {config.http_port}: {exc}"
             ) from None
@@ -188,19 +215,32 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
         manager=manager,
         store=store,
         brevo=brevo,
-        grpc_server=grpc_server,
-        grpc_port=grpc_port,
-        health=health,
+        grpc=grpc_server,
         http=http,
+        metrics=metrics,
         sandbox=sandbox,
         sandbox_http=sandbox_http,
     )
     if sandbox is not None:
         sandbox.set_webhook_url(running.webhook_url)
     running.background.append(
-        asyncio.create_task(health.follow(manager.check_ready, HEALTH_CHECK_INTERVAL_S))
+        asyncio.create_task(grpc_server.health.follow(manager.check_ready, HEALTH_CHECK_INTERVAL_S))
     )
+    if not manager.brevo_key_checked:
+        running.background.append(asyncio.create_task(_recheck_brevo_key(manager)))
     if config.agent_timeout_s > 0:
         interval = min(max(config.agent_timeout_s / 10, 0.05), 5.0)
         running.background.append(asyncio.create_task(manager.run_timeouts(interval)))
     return running
+
+
+async def _recheck_brevo_key(manager: HandoffManager) -> None:
+    """Asks Brevo again until it confirms the API key; readiness waits for that."""
+    while not manager.brevo_key_checked:
+        await asyncio.sleep(BREVO_KEY_RECHECK_S)
+        try:
+            log.info("Brevo API key accepted: %s", await manager.check_brevo_key())
+        except errors.BrevoAuthRejected as exc:
+            log.error("Brevo refused the API key; this replica stays not ready: %s", exc)
+        except errors.BrevoUnavailable as exc:
+            log.warning("Brevo still cannot confirm the API key: %s", exc)

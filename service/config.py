@@ -194,7 +194,40 @@ SETTINGS: tuple[Setting, ...] = (
         "1000",
         "Events buffered per stream before a slow reader is cut off (RESOURCE_EXHAUSTED).",
     ),
+    Setting(
+        "HANDOFF_SHUTDOWN_GRACE_SECONDS",
+        "--shutdown-grace-seconds",
+        "10",
+        "On SIGTERM, how long calls in flight may take to finish before the process exits "
+        "(open streams end at once with UNAVAILABLE).",
+    ),
+    Setting(
+        "GRPC_MAX_CONNECTION_AGE_SECONDS",
+        "--grpc-max-connection-age-seconds",
+        "1800",
+        "Close gRPC connections after about this long (±10%) so that clients rebalance "
+        "across replicas; 0: never.",
+    ),
+    Setting(
+        "GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS",
+        "--grpc-max-connection-age-grace-seconds",
+        "30",
+        "How long calls on such a connection may go on; a stream cut then ends UNAVAILABLE "
+        "and its client resumes with its cursor.",
+    ),
     Setting("HANDOFF_LOG_LEVEL", "--log-level", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+    Setting(
+        "HANDOFF_LOG_FORMAT",
+        "--log-format",
+        "json",
+        "json: one JSON object per line (with handoff_id); text: for people.",
+    ),
+    Setting(
+        "HANDOFF_LOG_MESSAGE_TEXT",
+        "--log-message-text",
+        "off",
+        "on: DEBUG lines include the text of relayed messages (personal data: debugging only).",
+    ),
     Setting(
         "SANDBOX_PORT",
         "--sandbox-port",
@@ -245,7 +278,12 @@ class Config:
     opening_max_chars: int
     heartbeat_s: float
     stream_buffer: int
+    shutdown_grace_s: float
+    grpc_max_connection_age_s: float
+    grpc_max_connection_age_grace_s: float
     log_level: str
+    log_format: str
+    log_message_text: bool
     sandbox_port: int
     sandbox_agent: bool
     sandbox_agent_delay_s: float
@@ -327,6 +365,12 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
     level = text("HANDOFF_LOG_LEVEL").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("HANDOFF_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    log_format = text("HANDOFF_LOG_FORMAT").lower()
+    if log_format not in ("json", "text"):
+        raise ConfigError("HANDOFF_LOG_FORMAT must be json or text")
+    log_message_text = text("HANDOFF_LOG_MESSAGE_TEXT").lower()
+    if log_message_text not in ("on", "off"):
+        raise ConfigError("HANDOFF_LOG_MESSAGE_TEXT must be on or off")
     sandbox_agent = text("SANDBOX_AGENT").lower()
     if sandbox_agent not in ("on", "off"):
         raise ConfigError("SANDBOX_AGENT must be on or off")
@@ -369,7 +413,14 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
         opening_max_chars=int(number("HANDOFF_OPENING_MAX_CHARS", int, 200, 100_000)),
         heartbeat_s=number("HANDOFF_HEARTBEAT_SECONDS", float, 0.05, 3600),
         stream_buffer=int(number("HANDOFF_STREAM_BUFFER", int, 1, 1_000_000)),
+        shutdown_grace_s=number("HANDOFF_SHUTDOWN_GRACE_SECONDS", float, 0, 3600),
+        grpc_max_connection_age_s=number("GRPC_MAX_CONNECTION_AGE_SECONDS", float, 0, 30 * 86400),
+        grpc_max_connection_age_grace_s=number(
+            "GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS", float, 0, 86400
+        ),
         log_level=level,
+        log_format=log_format,
+        log_message_text=log_message_text == "on",
         sandbox_port=int(number("SANDBOX_PORT", int, 0, 65535)),
         sandbox_agent=sandbox_agent == "on",
         sandbox_agent_delay_s=number("SANDBOX_AGENT_DELAY_SECONDS", float, 0, 600),

@@ -11,17 +11,20 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis_server import RedisServer
-from support import MARTA, SERVICE_AGENT_ID, agent_fragment, all_summaries, free_port
+from support import MARTA, SERVICE_AGENT_ID, agent_fragment, all_summaries, free_port, until
 
-from service.brevo.sandbox import BrevoSandbox
+from service.brevo.sandbox import BrevoSandbox, Fault
 from service.http_server import RunningHttpServer, start_http_server
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
@@ -152,6 +155,12 @@ async def read_until_ended(call: object, into: list[pb.HandoffEvent]) -> None:
             into.append(item.event)
 
 
+async def read_until_cut(call: Any) -> None:
+    """Reads heartbeats until the stream ends with an error (which it raises)."""
+    while True:
+        await asyncio.wait_for(call.read(), 10)
+
+
 async def read_until_idle(
     stub: pb_grpc.HandoffServiceAsyncStub, handoff_id: str, after_cursor: str = ""
 ) -> list[pb.HandoffEvent]:
@@ -217,12 +226,8 @@ async def test_a_client_of_a_killed_replica_resumes_on_the_other_with_exactly_wh
     b.process.kill()  # SIGKILL: no goodbye to anyone; the client's channel stays open
     assert await b.process.wait() == -signal.SIGKILL
 
-    async def read_until_cut() -> None:
-        while True:  # heartbeats, until the connection drops
-            await asyncio.wait_for(call.read(), 10)
-
     with pytest.raises(grpc.aio.AioRpcError) as cut:
-        await read_until_cut()
+        await read_until_cut(call)
     assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
 
     later = [await sandbox.agent_says(handoff.visitor_id, f"after {i}") for i in range(3)]
@@ -284,3 +289,79 @@ async def test_start_handoff_on_both_replicas_at_once_opens_one_and_posts_once(
         posted = sandbox.messages(first.handoff.visitor_id)
         assert len(posted) == 1, posted
         assert "Refund" in str(posted[0]["text"])
+
+
+async def test_sigterm_drains_a_replica_and_its_stream_resumes_on_the_other_with_nothing_lost(
+    cluster: Cluster,
+) -> None:
+    """What Kubernetes does to a pod: SIGTERM. Health and readiness turn at once, the open
+    stream ends UNAVAILABLE, a send waiting on Brevo still finishes, the process exits well
+    within its grace, and the client resumes on the other replica with its cursor."""
+    a, b, sandbox, http = cluster.a, cluster.b, cluster.sandbox, cluster.http
+    handoff = (
+        await a.stub.StartHandoff(pb.StartHandoffRequest(conversation_id="conv-drain"))
+    ).handoff
+    await sandbox.wait_idle()
+    assert b.channel is not None
+    health: Any = health_pb2_grpc.HealthStub(b.channel)  # typeshed knows only sync stubs
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+    assert (
+        await asyncio.wait_for(watch.read(), 10)
+    ).status == health_pb2.HealthCheckResponse.SERVING
+    assert (await http.get(f"{b.base_url}/readyz")).status_code == 200
+
+    call = b.stub.StreamAgentReplies(pb.StreamAgentRepliesRequest(handoff_id=handoff.id))
+    first = [await sandbox.agent_says(handoff.visitor_id, f"before {i}") for i in range(3)]
+    received: list[pb.HandoffEvent] = []
+    while len(received) < 4:
+        item = await asyncio.wait_for(call.read(), 10)
+        assert isinstance(item, pb.StreamAgentRepliesResponse)
+        if item.WhichOneof("item") == "event":
+            received.append(item.event)
+
+    # A send in flight on B: Brevo answers its first attempt after 1.5 s, with a 500.
+    sandbox.inject_faults(Fault(status=500, delay_s=1.5))
+
+    async def send() -> pb.SendMessageResponse:
+        request = pb.SendMessageRequest(
+            handoff_id=handoff.id, client_message_id="m-1", text="still?"
+        )
+        return await b.stub.SendMessage(request)
+
+    sending = asyncio.create_task(send())
+    await until(lambda: bool(sandbox.calls_in_progress), 10, "SendMessage's post to Brevo")
+    signalled = time.monotonic()
+    b.process.send_signal(signal.SIGTERM)
+
+    changed = await asyncio.wait_for(watch.read(), 5)
+    assert changed.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as cut:
+        await read_until_cut(call)
+    assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (cut.value.details() or "")
+    assert "after_cursor" in (cut.value.details() or "")
+
+    sent = await asyncio.wait_for(sending, 10)  # finished on B although B is stopping
+    assert sent.brevo_message_id
+    assert not sent.duplicate
+    assert await asyncio.wait_for(b.process.wait(), 15) == 0
+    assert time.monotonic() - signalled < 10  # HANDOFF_SHUTDOWN_GRACE_SECONDS (default 10)
+    assert [m["text"] for m in sandbox.messages(handoff.visitor_id)][-1] == "Botpress User: still?"
+    assert "shutting down" in b.log
+
+    later = [await sandbox.agent_says(handoff.visitor_id, f"after {i}") for i in range(3)]
+    await sandbox.close_conversation(handoff.visitor_id)
+    await sandbox.wait_idle()
+    resumed: list[pb.HandoffEvent] = []
+    again = a.stub.StreamAgentReplies(
+        pb.StreamAgentRepliesRequest(handoff_id=handoff.id, after_cursor=received[-1].cursor)
+    )
+    await asyncio.wait_for(read_until_ended(again, resumed), 10)
+    assert all_summaries(received) == [
+        ("joined", *SAM),
+        *[("message", m["id"], *SAM, f"before {i}") for i, m in enumerate(first)],
+    ]
+    assert all_summaries(resumed) == [
+        *[("message", m["id"], *SAM, f"after {i}") for i, m in enumerate(later)],
+        ("ended", "END_REASON_AGENT_CLOSED"),
+    ]

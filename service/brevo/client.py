@@ -159,7 +159,11 @@ class BrevoClient:
         retry: RetryPolicy = RetryPolicy(),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
+        """``observe(endpoint, outcome, seconds)`` is told of every attempt: the endpoint
+        ("POST /conversations/messages"), the HTTP status or "timeout"/"connection_error",
+        and how long it took (for metrics)."""
         if not identity.agent_id and not (identity.agent_email and identity.agent_name):
             raise ValueError(
                 "AgentIdentity needs agent_id, or agent_email and agent_name: Brevo has to "
@@ -173,6 +177,7 @@ class BrevoClient:
         self._retry = retry
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
+        self._observe = observe
         self._http = httpx.AsyncClient(
             headers={
                 "api-key": self._api_key,
@@ -261,11 +266,17 @@ class BrevoClient:
         attempts = self._retry.max_attempts
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
+            started = time.perf_counter()
             try:
                 response = await self._http.request(
                     method, url, content=None if body is None else json.dumps(body)
                 )
             except httpx.TransportError as exc:
+                if self._observe is not None:
+                    outcome = (
+                        "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_error"
+                    )
+                    self._observe(what, outcome, time.perf_counter() - started)
                 problem = type(exc).__name__
                 detail = _one_line(str(exc), 200)
                 if detail:
@@ -290,6 +301,8 @@ class BrevoClient:
                 continue
 
             status = response.status_code
+            if self._observe is not None:
+                self._observe(what, str(status), time.perf_counter() - started)
             if 200 <= status < 300:
                 return response
             quoted = self._redact(_brevo_message(response))

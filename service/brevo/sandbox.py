@@ -312,6 +312,11 @@ class BrevoSandbox:
         """(method, path, status answered) of every answered /v3 call, in order of arrival."""
         return [(c.method, c.path, c.status) for c in self._calls if c.status is not None]
 
+    @property
+    def calls_in_progress(self) -> list[tuple[str, str]]:
+        """(method, path) of the /v3 calls received and not answered yet."""
+        return [(c.method, c.path) for c in self._calls if c.status is None]
+
     async def agent_says(
         self,
         visitor_id: str,

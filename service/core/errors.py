@@ -51,6 +51,14 @@ class StoreUnavailable(HandoffError):
     """The storage backend cannot be reached. Retry later."""
 
 
+class ShuttingDown(HandoffError):
+    """This replica is stopping. Reconnect (to another replica) and resume with the cursor."""
+
+
+class BrevoKeyUnchecked(HandoffError):
+    """Brevo has not confirmed the API key yet (it could not be reached). Not ready."""
+
+
 class ConcurrentUpdate(HandoffError):
     """The handoff changed since it was read; the core re-reads and retries."""
 

@@ -84,6 +84,7 @@ class WebhookOutcome:
     outcome: str
     events: int = 0
     handoff_id: str = ""
+    event_name: str = ""
 
 
 def new_id(prefix: str) -> str:
@@ -104,9 +105,12 @@ class HandoffManager:
         clock_ms: Callable[[], int] = wall_clock_ms,
         make_id: Callable[[str], str] = new_id,
         locks: Locks | None = None,
+        on_delivered: Callable[[StoredEvent, bool], None] | None = None,
     ) -> None:
         """``locks`` must exclude every process sharing ``store``; the default, in-process
-        locks, suit a store only this process uses."""
+        locks, suit a store only this process uses. ``on_delivered(event, live)`` is told of
+        every event a stream's reader took: ``live`` when it came from the live feed rather
+        than from replaying the store (for metrics)."""
         self._store = store
         self._brevo = brevo
         self.settings = settings
@@ -118,15 +122,56 @@ class HandoffManager:
         self._locks = KeyedLocks()
         self._exclusive: Locks = locks if locks is not None else KeyedLocks()
         self.stats: Counter[str] = Counter()
+        self._on_delivered = on_delivered or _ignore_delivery
+        self._shutting_down: errors.ShuttingDown | None = None
+        self._brevo_key_checked = False
         store.set_listener(self._hub.publish, self._hub.interrupt)
 
     @property
     def open_streams(self) -> int:
         return self._hub.subscriber_count
 
+    # --- Readiness and shutdown -----------------------------------------------------------
+
+    async def check_brevo_key(self) -> str:
+        """Asks Brevo whether the API key is valid; remembers a yes. Returns Brevo's answer.
+
+        Raises BrevoAuthRejected for a refused key, BrevoUnavailable when Brevo cannot say.
+        """
+        account = await self._brevo.check_account()
+        self._brevo_key_checked = True
+        return account
+
+    @property
+    def brevo_key_checked(self) -> bool:
+        return self._brevo_key_checked
+
     async def check_ready(self) -> None:
-        """Raises StoreUnavailable while this process cannot serve (its store is out of reach)."""
+        """Raises while this process should get no traffic: it is shutting down, Brevo has
+        not confirmed the API key yet, or the store is out of reach."""
+        if self._shutting_down is not None:
+            raise self._shutting_down
+        if not self._brevo_key_checked:
+            raise errors.BrevoKeyUnchecked(
+                "Brevo has not confirmed the API key yet (it could not be reached); checking again"
+            )
         await self._store.ping()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down is not None
+
+    def begin_shutdown(self) -> None:
+        """Drains the streams: every open one ends now with ShuttingDown, new ones are
+        refused with it. Calls in flight and new unary calls carry on until the servers stop.
+        """
+        if self._shutting_down is not None:
+            return
+        self._shutting_down = errors.ShuttingDown(
+            "this replica is shutting down; reconnect (you will reach another replica) with "
+            "after_cursor set to the last cursor received"
+        )
+        self._hub.interrupt(self._shutting_down)
 
     # --- StartHandoff ---------------------------------------------------------------------
 
@@ -286,22 +331,28 @@ class HandoffManager:
 
     # --- Webhooks -------------------------------------------------------------------------
 
-    async def handle_webhook(self, body: object) -> WebhookOutcome:
+    async def handle_webhook(
+        self, body: object, received_at_ms: int | None = None
+    ) -> WebhookOutcome:
         """Stores what one Brevo webhook means. Returns only once it is stored.
+
+        ``received_at_ms`` is when the webhook arrived (default: now); its events carry it,
+        so that the time until they leave on a stream can be measured on any replica.
 
         Raises InvalidPayload for a body that is not a webhook, StoreUnavailable when the
         store cannot take it (the gateway answers 503 so that Brevo may retry).
         """
+        received = self._now() if received_at_ms is None else received_at_ms
         event = parse_webhook(body)
         if event.event_name not in KNOWN_EVENTS:
             self.stats["webhooks_ignored_event"] += 1
-            return WebhookOutcome("ignored_event")
+            return WebhookOutcome("ignored_event", event_name=event.event_name)
         for problem in event.problems:
             log.warning("webhook %s: %s", event.event_name, problem)
         handoff = await self._route(event)
         if handoff is None:
             self.stats["webhooks_unknown_visitor"] += 1
-            return WebhookOutcome("unknown_visitor")
+            return WebhookOutcome("unknown_visitor", event_name=event.event_name)
         async with self._locks.hold(f"inbound:{handoff.id}"):
             for attempt in range(COMMIT_ATTEMPTS):
                 # The record read to route the webhook serves the first attempt; a retry
@@ -319,13 +370,15 @@ class HandoffManager:
                 if not plan.changes_anything and plan.handoff == current:
                     self._count_dropped(plan.dropped)
                     self.stats["webhooks_duplicate"] += 1
-                    return WebhookOutcome("duplicate", 0, current.id)
+                    return WebhookOutcome("duplicate", 0, current.id, event.event_name)
                 try:
                     stored = await self._store.commit(
                         Commit(
                             plan.handoff,
                             current.version,
-                            events=plan.events,
+                            events=tuple(
+                                dataclasses.replace(e, received_at_ms=received) for e in plan.events
+                            ),
                             seen_message_ids=plan.seen_message_ids,
                         )
                     )
@@ -336,7 +389,7 @@ class HandoffManager:
                 self.stats["messages_from_agent"] += sum(
                     1 for e in plan.events if isinstance(e.payload, AgentMessage)
                 )
-                return WebhookOutcome("stored", len(stored), current.id)
+                return WebhookOutcome("stored", len(stored), current.id, event.event_name)
         raise errors.StoreUnavailable("the handoff kept changing; retry the webhook")
 
     def _count_dropped(self, dropped: Counter[str]) -> None:
@@ -363,6 +416,8 @@ class HandoffManager:
         with neither, the stream starts now. A one-handoff stream ends after HandoffEnded.
         Raises StreamOverflow when the reader fell more than the buffer behind live events.
         """
+        if self._shutting_down is not None:
+            raise self._shutting_down
         after: int | None = None
         if after_cursor:
             after = decode_cursor(after_cursor)
@@ -390,9 +445,12 @@ class HandoffManager:
         try:
             last = after if after is not None else await self._store.last_seq()
             while True:
+                if self._shutting_down is not None:
+                    raise self._shutting_down
                 page = await self._store.read_events(handoff_id, last, self.settings.replay_page)
                 for event in page:
                     yield event
+                    self._on_delivered(event, False)
                     last = event.seq
                     if handoff_id and isinstance(event.payload, HandoffEnded):
                         return
@@ -417,6 +475,7 @@ class HandoffManager:
                 if live is None or live.seq <= last:
                     continue  # a wake-up call, or already replayed from the store
                 yield live
+                self._on_delivered(live, True)
                 last = live.seq
                 if handoff_id and isinstance(live.payload, HandoffEnded):
                     return
@@ -455,9 +514,13 @@ class HandoffManager:
             ended = dataclasses.replace(
                 h, state=HandoffState.ENDED, end_reason=reason, updated_at_ms=now
             )
-            return Commit(ended, h.version, events=(NewEvent(now, HandoffEnded(reason)),))
+            return Commit(ended, h.version, events=(NewEvent(now, HandoffEnded(reason), now),))
 
         return await self._update(handoff_id, change)
+
+
+def _ignore_delivery(event: StoredEvent, live: bool) -> None:
+    pass
 
 
 def _opening_part_posted(sent_id: str) -> Callable[[Handoff], Commit]:

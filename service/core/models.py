@@ -131,6 +131,8 @@ class NewEvent:
 
     occurred_at_ms: int
     payload: EventPayload
+    # When what caused it reached the service (a webhook's arrival), for the latency metric.
+    received_at_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,7 @@ class StoredEvent:
     conversation_id: str
     occurred_at_ms: int
     payload: EventPayload
+    received_at_ms: int = 0  # 0: unknown (stored before the service recorded it)
 
     @property
     def cursor(self) -> str:

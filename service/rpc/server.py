@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from dataclasses import dataclass
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -10,7 +14,9 @@ from service.core.handoffs import HandoffManager
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
 from service.rpc.health import HealthReporter
-from service.rpc.servicer import HandoffServicer
+from service.rpc.servicer import CallsInFlight, HandoffServicer
+
+log = logging.getLogger(__name__)
 
 HANDOFF_SERVICE = pb.DESCRIPTOR.services_by_name["HandoffService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -26,17 +32,65 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+def server_options(
+    max_connection_age_s: float, max_connection_age_grace_s: float
+) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS plus a maximum connection age (0: none).
+
+    gRPC closes a connection after about ``max_connection_age_s`` (with ±10% jitter, so
+    that replicas do not all see their clients come back at once); calls on it may go on
+    for ``max_connection_age_grace_s`` more. Long-lived streams thereby spread over the
+    replicas again after a rollout or a scale-up.
+    """
+    options = list(SERVER_OPTIONS)
+    if max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
+@dataclass
+class GrpcServer:
+    server: grpc.aio.Server
+    port: int
+    health: HealthReporter
+    calls: CallsInFlight
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuses new calls at once; lets the unary calls in flight (a SendMessage waiting
+        on Brevo) finish within ``grace_s``, then ends whatever is still open.
+
+        Server streams do not count: reply streams have already been ended by the drain,
+        and a health Watch never ends by itself, so waiting for it would always cost the
+        whole grace period.
+        """
+        stopping = asyncio.create_task(self.server.stop(grace_s))
+        if not await self.calls.wait_idle(grace_s):
+            log.warning("%d call(s) still running after %g s: cancelled", self.calls.count, grace_s)
+        await self.server.stop(0)
+        await stopping
+
+
 async def create_server(
-    manager: HandoffManager, host: str, port: int
-) -> tuple[grpc.aio.Server, int, HealthReporter]:
+    manager: HandoffManager,
+    host: str,
+    port: int,
+    *,
+    max_connection_age_s: float = 0,
+    max_connection_age_grace_s: float = 0,
+) -> GrpcServer:
     """Builds and starts the server on ``host:port`` (0 picks a free port).
 
     Besides HandoffService it serves grpc.health.v1 (the caller keeps the returned reporter
     up to date) and server reflection, for grpcurl, ``buf curl`` and grpc-health-probe.
-    Returns the server, its port and the health reporter.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_HandoffServiceServicer_to_server(HandoffServicer(manager), server)
+    server = grpc.aio.server(
+        options=server_options(max_connection_age_s, max_connection_age_grace_s)
+    )
+    servicer = HandoffServicer(manager)
+    pb_grpc.add_HandoffServiceServicer_to_server(servicer, server)
     health = HealthReporter((HANDOFF_SERVICE,))
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
@@ -47,4 +101,4 @@ async def create_server(
     if bound == 0:
         raise OSError(f"could not bind the gRPC port {address}")
     await server.start()
-    return server, bound, health
+    return GrpcServer(server, bound, health, servicer.calls)

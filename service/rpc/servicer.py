@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import secrets
@@ -34,7 +35,12 @@ def status_for(exc: errors.HandoffError) -> grpc.StatusCode:
             return grpc.StatusCode.FAILED_PRECONDITION
         case errors.BrevoRateLimited() | errors.StreamOverflow():
             return grpc.StatusCode.RESOURCE_EXHAUSTED
-        case errors.BrevoUnavailable() | errors.StoreUnavailable():
+        case (
+            errors.BrevoUnavailable()
+            | errors.StoreUnavailable()
+            | errors.ShuttingDown()
+            | errors.BrevoKeyUnchecked()
+        ):
             return grpc.StatusCode.UNAVAILABLE
         case errors.ConcurrentUpdate():
             return grpc.StatusCode.ABORTED
@@ -59,6 +65,32 @@ async def _abort_internal(context: grpc.aio.ServicerContext[Req, Resp], exc: Exc
     )
 
 
+class CallsInFlight:
+    """Counts the unary calls being served, so that shutdown can wait for exactly those."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no call is in flight, False if some still are after ``timeout_s``."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
 def _unary(
     fn: Callable[[HandoffServicer, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
 ) -> Callable[[HandoffServicer, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
@@ -66,12 +98,15 @@ def _unary(
     async def wrapper(
         self: HandoffServicer, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
+        self.calls.enter()
         try:
             return await fn(self, request, context)
         except errors.HandoffError as exc:
             await context.abort(status_for(exc), message_for(exc))
         except Exception as exc:  # the caller gets a status, never a stack trace
             await _abort_internal(context, exc)
+        finally:
+            self.calls.leave()
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     return wrapper
@@ -80,6 +115,7 @@ def _unary(
 class HandoffServicer(pb_grpc.HandoffServiceServicer):
     def __init__(self, manager: HandoffManager) -> None:
         self._manager = manager
+        self.calls = CallsInFlight()
 
     @_unary
     async def StartHandoff(

@@ -40,12 +40,13 @@ return 0
 # ARGV: 1 expected version, 2 new version, 3 record JSON, 4 state, 5 handoff id,
 #       6 created_at_ms, 7 Brevo conversation id ('' = none), 8 commit token,
 #       9 retention ms, 10 handoff stream MAXLEN, 11 all-events MAXLEN, 12 conversation id,
-#       13 number of events, then (occurred_at_ms, payload JSON) per event,
+#       13 number of events, then (occurred_at_ms, received_at_ms, payload JSON) per event,
 #       then the number of seen ids and the ids, the number of sent ids and the ids,
 #       then client_message_id and brevo_message_id ('' '' = none).
-# Each entry has fields h (handoff id), c (conversation id), t (occurred_at_ms), p (payload
-# JSON) and q: the position of the handoff's previous event, so that a reader can tell
-# whether MAXLEN trimmed events it had not read (a handoff's positions are not contiguous).
+# Each entry has fields h (handoff id), c (conversation id), t (occurred_at_ms),
+# r (received_at_ms), p (payload JSON) and q: the position of the handoff's previous event,
+# so that a reader can tell whether MAXLEN trimmed events it had not read (a handoff's
+# positions are not contiguous).
 # Returns {'ok', seqs} or {'done', seqs} (this commit token already applied: a resent
 # command after a lost reply), {'conflict'} or {'missing'}; seqs is "1,2,3".
 COMMIT = """
@@ -68,12 +69,12 @@ for _ = 1, tonumber(ARGV[13]) do
   local seq = string.format('%d', redis.call('INCR', KEYS[11]))
   local entry = '0-' .. seq
   redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[10], entry,
-    'h', id, 'c', ARGV[12], 't', ARGV[i], 'p', ARGV[i + 1], 'q', previous)
+    'h', id, 'c', ARGV[12], 't', ARGV[i], 'r', ARGV[i + 1], 'p', ARGV[i + 2], 'q', previous)
   redis.call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[11], entry,
-    'h', id, 'c', ARGV[12], 't', ARGV[i], 'p', ARGV[i + 1], 'q', previous)
+    'h', id, 'c', ARGV[12], 't', ARGV[i], 'r', ARGV[i + 1], 'p', ARGV[i + 2], 'q', previous)
   seqs[#seqs + 1] = seq
   previous = seq
-  i = i + 2
+  i = i + 3
 end
 -- A count, then that many ids, from ARGV[i] on; returns the index after them.
 local function add_ids(key, at)

@@ -314,7 +314,7 @@ class RedisStore:
             len(commit.events),
         ]
         for event in commit.events:
-            args += [event.occurred_at_ms, payload_to_json(event.payload)]
+            args += [event.occurred_at_ms, event.received_at_ms, payload_to_json(event.payload)]
         args += [len(commit.seen_message_ids), *commit.seen_message_ids]
         args += [len(commit.sent_message_ids), *commit.sent_message_ids]
         args += list(commit.client_message) if commit.client_message else ["", ""]
@@ -342,7 +342,14 @@ class RedisStore:
             raise ConcurrentUpdate(f"handoff {h.id} changed since it was read")
         seqs = [int(s) for s in str(reply[1]).split(",") if s]
         return [
-            StoredEvent(seq, h.id, h.conversation_id, event.occurred_at_ms, event.payload)
+            StoredEvent(
+                seq,
+                h.id,
+                h.conversation_id,
+                event.occurred_at_ms,
+                event.payload,
+                event.received_at_ms,
+            )
             for seq, event in zip(seqs, commit.events, strict=True)
         ]
 
@@ -534,5 +541,6 @@ def _entry(entry_id: str, fields: object) -> tuple[StoredEvent, int]:
         conversation_id=values["c"],
         occurred_at_ms=int(values["t"]),
         payload=payload_from_json(values["p"]),
+        received_at_ms=int(values.get("r", "0")),
     )
     return event, int(values.get("q", "0"))

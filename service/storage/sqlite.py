@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS events (
     handoff_id TEXT NOT NULL,
     conversation_id TEXT NOT NULL,
     occurred_at_ms INTEGER NOT NULL,
-    payload TEXT NOT NULL
+    payload TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS events_by_handoff ON events (handoff_id, seq);
 CREATE TABLE IF NOT EXISTS seen_messages (
@@ -69,6 +70,15 @@ CREATE TABLE IF NOT EXISTS client_messages (
     PRIMARY KEY (handoff_id, client_message_id)
 ) WITHOUT ROWID;
 """
+
+_READ_ALL_EVENTS = (
+    "SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload, received_at_ms"
+    " FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
+)
+_READ_HANDOFF_EVENTS = (
+    "SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload, received_at_ms"
+    " FROM events WHERE handoff_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+)
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -104,6 +114,9 @@ class SqliteStore:
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+        if "received_at_ms" not in columns:  # a file made before the column existed
+            conn.execute("ALTER TABLE events ADD COLUMN received_at_ms INTEGER NOT NULL DEFAULT 0")
         self._conn = conn
 
     def set_listener(self, listener: EventListener, on_interrupt: InterruptListener) -> None:
@@ -226,20 +239,26 @@ class SqliteStore:
                 stored: list[StoredEvent] = []
                 for event in commit.events:
                     cursor = db.execute(
-                        "INSERT INTO events (handoff_id, conversation_id, occurred_at_ms, payload)"
-                        " VALUES (?,?,?,?)",
+                        "INSERT INTO events (handoff_id, conversation_id, occurred_at_ms, payload,"
+                        " received_at_ms) VALUES (?,?,?,?,?)",
                         (
                             h.id,
                             h.conversation_id,
                             event.occurred_at_ms,
                             payload_to_json(event.payload),
+                            event.received_at_ms,
                         ),
                     )
                     seq = cursor.lastrowid
                     assert seq is not None
                     stored.append(
                         StoredEvent(
-                            seq, h.id, h.conversation_id, event.occurred_at_ms, event.payload
+                            seq,
+                            h.id,
+                            h.conversation_id,
+                            event.occurred_at_ms,
+                            event.payload,
+                            event.received_at_ms,
                         )
                     )
                 db.executemany(
@@ -312,17 +331,17 @@ class SqliteStore:
         def read() -> list[StoredEvent]:
             if handoff_id is None:
                 rows = self._db().execute(
-                    "SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload FROM events"
-                    " WHERE seq > ? ORDER BY seq LIMIT ?",
+                    _READ_ALL_EVENTS,
                     (after_seq, limit),
                 )
             else:
                 rows = self._db().execute(
-                    "SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload FROM events"
-                    " WHERE handoff_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    _READ_HANDOFF_EVENTS,
                     (handoff_id, after_seq, limit),
                 )
-            return [StoredEvent(r[0], r[1], r[2], r[3], payload_from_json(r[4])) for r in rows]
+            return [
+                StoredEvent(r[0], r[1], r[2], r[3], payload_from_json(r[4]), r[5]) for r in rows
+            ]
 
         return await self._run(read)
 
