@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level, config.secrets)
+    configure_logging(config.log_level, config.secrets, config.log_format)
     try:
         asyncio.run(serve(config))
     except StartupError as exc:

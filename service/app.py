@@ -160,6 +160,7 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
                 opening_max_chars=config.opening_max_chars,
                 heartbeat_s=config.heartbeat_s,
                 stream_buffer=config.stream_buffer,
+                log_message_text=config.log_message_text,
             ),
             locks=locks,
             on_delivered=metrics.event_delivered,

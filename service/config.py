@@ -205,8 +205,8 @@ SETTINGS: tuple[Setting, ...] = (
         "GRPC_MAX_CONNECTION_AGE_SECONDS",
         "--grpc-max-connection-age-seconds",
         "1800",
-        "Close gRPC connections after about this long (±10%) so that clients rebalance "
-        "across replicas; 0: never.",
+        "Close gRPC connections after about this long (gRPC adds up to a tenth of jitter) "
+        "so that clients rebalance across replicas; 0: never.",
     ),
     Setting(
         "GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ async def start_http_server(app: ASGIApp, host: str, port: int) -> RunningHttpSe
     sock.listen(2048)
     sock.setblocking(False)
     bound_port = int(sock.getsockname()[1])
+    # access_log=False alone is not enough: uvicorn logs access lines anyway whenever its
+    # access logger has a handler somewhere up the tree.
+    logging.getLogger("uvicorn.access").disabled = True
     config = uvicorn.Config(
         app,
         access_log=False,

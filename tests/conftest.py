@@ -1,13 +1,50 @@
 from __future__ import annotations
 
 import gc
+import logging
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from log_audit import AUDIT, AuditHandler
 from redis_server import RedisServer
 from support import Harness, close_harness, make_config, open_harness
+
+from service.logs import quiet_noisy_loggers
+
+_AUDIT_HANDLER = AuditHandler(AUDIT)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Every record of the test process, down to DEBUG, goes to the log audit; third-party
+    loggers are set up as the service process sets them up."""
+    root = logging.getLogger()
+    root.addHandler(_AUDIT_HANDLER)
+    root.setLevel(logging.DEBUG)
+    quiet_noisy_loggers()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for module in {item.module for item in items if isinstance(item, pytest.Function)}:
+        if module is not None:
+            AUDIT.add_module_secrets(module)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    logging.getLogger().removeHandler(_AUDIT_HANDLER)
+    leaks = AUDIT.leaks()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    sources = len({source for source, _ in AUDIT.lines})
+    if reporter is not None:
+        reporter.write_line(
+            f"log audit: {len(AUDIT.lines)} log lines from {sources} source(s) checked "
+            f"against {len(AUDIT.secrets)} secrets and 2 key shapes: {len(leaks)} leak(s)"
+        )
+        for leak in leaks[:20]:
+            reporter.write_line(f"  SECRET IN A LOG LINE: {leak.describe()}", red=True)
+    if leaks:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

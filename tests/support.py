@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+from log_audit import AUDIT
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.app import RunningService, start_service
@@ -78,7 +79,7 @@ def agent_fragment(
 
 
 def make_config(folder: Path, *flags: str, sqlite_name: str = "handoff.db") -> Config:
-    return load_config(
+    config = load_config(
         [
             "--host",
             "127.0.0.1",
@@ -102,6 +103,8 @@ def make_config(folder: Path, *flags: str, sqlite_name: str = "handoff.db") -> C
         ],
         environ={},
     )
+    AUDIT.add_secrets(config.secrets)
+    return config
 
 
 def summarize(event: pb.HandoffEvent) -> tuple[object, ...]:

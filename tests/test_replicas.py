@@ -21,6 +21,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from log_audit import audit_output
 from redis_server import RedisServer
 from support import MARTA, SERVICE_AGENT_ID, agent_fragment, all_summaries, free_port, until
 
@@ -102,6 +103,8 @@ async def stop_replica(replica: Replica) -> int:
     code = await asyncio.wait_for(replica.process.wait(), 30)
     if replica.reader is not None:
         await replica.reader
+        replica.reader = None
+        audit_output(f"replica {replica.name}", replica.log)
     return code
 
 

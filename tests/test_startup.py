@@ -12,10 +12,11 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from log_audit import audit_output
 from support import SERVICE_AGENT_ID, free_port
 
 from service.brevo.sandbox import BrevoSandbox
-from service.config import load_config
+from service.config import SETTINGS, load_config
 from service.http_server import RunningHttpServer, start_http_server
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
@@ -55,6 +56,7 @@ async def run_to_exit(env: dict[str, str], timeout_s: float = 30) -> tuple[int, 
     proc = await start_process(env)
     out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
     assert proc.returncode is not None
+    audit_output("service process", out.decode())
     return proc.returncode, out.decode()
 
 
@@ -143,6 +145,7 @@ async def test_without_a_key_it_says_it_uses_the_sandbox_and_stops_on_sigterm(
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = await asyncio.wait_for(proc.communicate(), 30)
+    audit_output("service process", "".join(lines) + rest.decode())
     assert proc.returncode == 0, "".join(lines) + rest.decode()
     assert "shutting down" in rest.decode()
 
@@ -189,6 +192,7 @@ async def test_no_secret_reaches_a_log_line(
         proc.send_signal(signal.SIGTERM)
         rest, _ = await asyncio.wait_for(proc.communicate(), 30)
     log = "".join(lines) + rest.decode()
+    audit_output("service process", log)
     assert "webhook stored" in log  # the debug run did log the traffic
     assert "Brevo API key accepted" in log
     assert API_KEY not in log
@@ -201,3 +205,13 @@ def test_the_redis_password_counts_as_a_secret() -> None:
     assert "s3cr@t" in config.secrets  # as redis-py sends it
     assert "s3cr" not in repr(config.redis_url)
     assert load_config([], environ={}).redis_url.reveal() == ""  # SQLite by default
+
+
+def test_help_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        load_config(["--help"], environ={})
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    for setting in SETTINGS:
+        assert setting.flag in shown
+        assert f"[env {setting.env}]" in " ".join(shown.split())

@@ -16,6 +16,7 @@ from service.core.brevo_payloads import KNOWN_EVENTS, WebhookEvent, parse_webhoo
 from service.core.fanout import EventHub
 from service.core.inbound import ServiceIdentity, plan_inbound
 from service.core.locks import KeyedLocks
+from service.core.log_context import bind_handoff
 from service.core.models import (
     AgentMessage,
     Attachment,
@@ -59,6 +60,7 @@ class HandoffSettings:
     stream_buffer: int = 1000
     replay_page: int = 500
     heartbeat_s: float = 15.0
+    log_message_text: bool = False  # personal data: only when debugging asks for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +209,9 @@ class HandoffManager:
                     opening_parts=parts,
                 )
                 existing, created = await self._store.create_handoff(fresh)
-                if created:
-                    log.info("handoff started", extra={"handoff_id": existing.id})
+            bind_handoff(existing.id)
+            if created:
+                log.info("handoff started")
             if existing.opening_complete:
                 return existing, created
             return await self._post_opening(existing.id), created
@@ -232,6 +235,7 @@ class HandoffManager:
         attachments: Sequence[Attachment] = (),
     ) -> SendResult:
         _require_id("handoff_id", handoff_id)
+        bind_handoff(handoff_id)
         _require_id("client_message_id", client_message_id)
         if not text.strip() and not attachments:
             raise errors.InvalidArgument("text", "empty: give a text, an attachment, or both")
@@ -266,12 +270,14 @@ class HandoffManager:
                 ),
             )
             self.stats["messages_to_agent"] += 1
+            log.debug("relayed to the agent as %s: %s", sent.id, self._loggable(text))
             return SendResult(sent.id, duplicate=False)
 
     # --- StopHandoff / GetHandoff ---------------------------------------------------------
 
     async def stop(self, handoff_id: str, notice: str = "") -> Handoff:
         _require_id("handoff_id", handoff_id)
+        bind_handoff(handoff_id)
         if len(notice) > self.settings.max_text_chars:
             raise errors.InvalidArgument("notice", f"at most {self.settings.max_text_chars} chars")
         async with self._exclusive.hold(f"send:{handoff_id}"):
@@ -282,11 +288,12 @@ class HandoffManager:
                 handoff.visitor_id, notice or self.settings.closing_notice
             )
             handoff, _ = await self._end(handoff_id, EndReason.STOPPED_BY_BOT)
-            log.info("handoff stopped by the bot", extra={"handoff_id": handoff_id})
+            log.info("handoff stopped by the bot")
             return handoff
 
     async def get(self, handoff_id: str) -> Handoff:
         _require_id("handoff_id", handoff_id)
+        bind_handoff(handoff_id)
         return await self._get(handoff_id)
 
     # --- Timeouts -------------------------------------------------------------------------
@@ -298,6 +305,7 @@ class HandoffManager:
             return 0
         expired = 0
         for candidate in await self._store.pending_before(self._now() - timeout_ms):
+            bind_handoff(candidate.id)
             async with self._exclusive.hold(f"send:{candidate.id}"):
                 handoff = await self._get(candidate.id)
                 if handoff.state is not HandoffState.PENDING_AGENT:
@@ -309,15 +317,11 @@ class HandoffManager:
                 except errors.HandoffError as exc:
                     # The user must not wait on: end the handoff even if the agent's inbox
                     # cannot be told.
-                    log.warning(
-                        "could not post the timeout notice: %s",
-                        exc,
-                        extra={"handoff_id": handoff.id},
-                    )
+                    log.warning("could not post the timeout notice: %s", exc)
                 _, events = await self._end(handoff.id, EndReason.TIMED_OUT)
                 if events:
                     expired += 1
-                    log.info("handoff timed out", extra={"handoff_id": handoff.id})
+                    log.info("handoff timed out")
         return expired
 
     async def run_timeouts(self, interval_s: float) -> None:
@@ -353,6 +357,7 @@ class HandoffManager:
         if handoff is None:
             self.stats["webhooks_unknown_visitor"] += 1
             return WebhookOutcome("unknown_visitor", event_name=event.event_name)
+        bind_handoff(handoff.id)
         async with self._locks.hold(f"inbound:{handoff.id}"):
             for attempt in range(COMMIT_ATTEMPTS):
                 # The record read to route the webhook serves the first attempt; a retry
@@ -386,9 +391,14 @@ class HandoffManager:
                     continue
                 self._count_dropped(plan.dropped)
                 self.stats["webhooks_stored"] += 1
-                self.stats["messages_from_agent"] += sum(
-                    1 for e in plan.events if isinstance(e.payload, AgentMessage)
-                )
+                for new in plan.events:
+                    if isinstance(new.payload, AgentMessage):
+                        self.stats["messages_from_agent"] += 1
+                        log.debug(
+                            "agent message %s stored: %s",
+                            new.payload.brevo_message_id,
+                            self._loggable(new.payload.text),
+                        )
                 return WebhookOutcome("stored", len(stored), current.id, event.event_name)
         raise errors.StoreUnavailable("the handoff kept changing; retry the webhook")
 
@@ -418,6 +428,8 @@ class HandoffManager:
         """
         if self._shutting_down is not None:
             raise self._shutting_down
+        if handoff_id:
+            bind_handoff(handoff_id)
         after: int | None = None
         if after_cursor:
             after = decode_cursor(after_cursor)
@@ -483,6 +495,10 @@ class HandoffManager:
             self._hub.unsubscribe(sub)
 
     # --- Helpers --------------------------------------------------------------------------
+
+    def _loggable(self, text: str) -> str:
+        """A message's text for a log line: only its length unless the settings allow it."""
+        return repr(text) if self.settings.log_message_text else f"<{len(text)} characters>"
 
     async def _get(self, handoff_id: str) -> Handoff:
         handoff = await self._store.get_handoff(handoff_id)
