@@ -181,3 +181,23 @@ async def read_all(call: Any, into: list[Any]) -> None:
     """Reads a server stream into ``into`` until it ends (an error is raised)."""
     while True:
         into.append(await call.read())
+
+
+async def test_a_send_whose_caller_gives_up_still_commits_so_its_retry_posts_nothing(
+    harness: Harness,
+) -> None:
+    """The client's deadline passes while Brevo is answering: the post still counts, and
+    the retry with the same client_message_id is answered from the store."""
+    handoff = await harness.start_handoff("conv-deadline")
+    await harness.settle()
+    posts_before = [c for c in harness.sandbox.rest_calls if c[0] == "POST"]
+    harness.sandbox.inject_faults(Fault(status=200, body={"id": "slow-msg-1"}, delay_s=0.6))
+    request = pb.SendMessageRequest(handoff_id=handoff.id, client_message_id="c-1", text="hi")
+    with pytest.raises(grpc.aio.AioRpcError) as gave_up:
+        await harness.stub.SendMessage(request, timeout=0.2)
+    assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await until(lambda: harness.running.grpc.calls.count == 0, 5, "the abandoned send finished")
+    retried = await harness.stub.SendMessage(request)
+    assert (retried.brevo_message_id, retried.duplicate) == ("slow-msg-1", True)
+    posts = [c for c in harness.sandbox.rest_calls if c[0] == "POST"]
+    assert len(posts) == len(posts_before) + 1

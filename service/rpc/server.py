@@ -29,6 +29,8 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    # Fail to start rather than silently share the port with another process.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -66,11 +68,16 @@ class GrpcServer:
         and a health Watch never ends by itself, so waiting for it would always cost the
         whole grace period.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
         stopping = asyncio.create_task(self.server.stop(grace_s))
-        if not await self.calls.wait_idle(grace_s):
-            log.warning("%d call(s) still running after %g s: cancelled", self.calls.count, grace_s)
+        await self.calls.wait_idle(grace_s)
         await self.server.stop(0)
         await stopping
+        # A call cut just now (it arrived as the drain began) still finishes its work, so
+        # that its client's retry finds it done rather than doing it twice.
+        if not await self.calls.wait_idle(max(deadline - loop.time(), 0.0)):
+            log.warning("%d call(s) still running after %g s", self.calls.count, grace_s)
 
 
 async def create_server(

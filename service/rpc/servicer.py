@@ -7,7 +7,7 @@ import functools
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -20,6 +20,7 @@ from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -66,18 +67,31 @@ async def _abort_internal(context: grpc.aio.ServicerContext[Req, Resp], exc: Exc
 
 
 class CallsInFlight:
-    """Counts the unary calls being served, so that shutdown can wait for exactly those."""
+    """Runs the work of unary calls so that a cancelled call cannot stop it half-way, and
+    counts it, so that shutdown can wait for exactly that work.
+
+    A SendMessage cancelled between Brevo's answer and the commit (the client's deadline,
+    a dropped connection, the end of a shutdown's grace) would have posted a message the
+    store does not know of, and the client's retry would post it again. So the work runs
+    in a task of its own that the call merely awaits: cancelling the call leaves the task
+    running to its commit, and the retry finds the message already sent.
+    """
 
     def __init__(self) -> None:
         self.count = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def enter(self) -> None:
+    async def run(self, work: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(work)
         self.count += 1
         self._idle.clear()
+        task.add_done_callback(self._finished)
+        # shield also marks an abandoned task's error as retrieved: its caller has gone
+        # (and will retry), the error went nowhere else.
+        return await asyncio.shield(task)
 
-    def leave(self) -> None:
+    def _finished(self, task: asyncio.Future[Any]) -> None:
         self.count -= 1
         if self.count == 0:
             self._idle.set()
@@ -98,15 +112,12 @@ def _unary(
     async def wrapper(
         self: HandoffServicer, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
-        self.calls.enter()
         try:
-            return await fn(self, request, context)
+            return await self.calls.run(fn(self, request, context))
         except errors.HandoffError as exc:
             await context.abort(status_for(exc), message_for(exc))
         except Exception as exc:  # the caller gets a status, never a stack trace
             await _abort_internal(context, exc)
-        finally:
-            self.calls.leave()
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     return wrapper
