@@ -6,7 +6,7 @@ DEPS   := $(VENV)/.deps-installed
 STUBS  := service/rpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run demo test lint typecheck unit proto redis clean
+.PHONY: run demo test lint typecheck unit proto stubs stub-tools redis clean
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ run: $(STUBS)
 demo: $(STUBS)
 	$(BIN)/python -m service.demo
 
+## stubs: generate Go, Java and TypeScript client stubs from protos/ into build/stubs/
+stubs: $(DEPS) stub-tools
+	scripts/gen_client_stubs.sh
+
+## stub-tools: install the plugins and compilers of `make stubs` and its tests when missing
+stub-tools:
+	scripts/ensure-stub-tools.sh
+
 ## redis: install redis-server when missing and start one on 127.0.0.1:6379 when stopped
 redis:
 	scripts/ensure-redis.sh
@@ -38,12 +46,14 @@ test: lint typecheck unit
 lint: $(STUBS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	BUF_CACHE_DIR=build/cache/buf $(BIN)/buf lint
+	BUF_CACHE_DIR=build/cache/buf $(BIN)/buf breaking --against protos-released
 
 typecheck: $(STUBS)
 	$(BIN)/mypy
 
-unit: $(STUBS) redis
+unit: $(STUBS) redis stub-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) service/rpc/generated .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) service/rpc/generated .mypy_cache .ruff_cache .pytest_cache build
