@@ -243,19 +243,16 @@ def test_both_ports_are_named_served_and_exposed(kustomization: str) -> None:
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_probes(kustomization: str) -> None:
-    """Start-up asks gRPC health (the server's "" service) on the gRPC port; readiness asks
-    /readyz (store, Brevo key, not draining); liveness /healthz, which never depends on them."""
+    """Readiness asks gRPC health (the server's "" service, which follows /readyz: store,
+    Brevo key, not draining) on the gRPC port; start-up and liveness ask /healthz, which never
+    depends on them, so an outage makes pods not ready but restarts none."""
     c = container(kustomization)
     ports = port_numbers(kustomization)
-    startup = dig_obj(c, "startupProbe.grpc")
-    assert startup["port"] == ports["grpc"]
-    assert startup.get("service", "") == ""
-    readiness = dig_obj(c, "readinessProbe")
-    if "grpc" in readiness:
-        assert dig(readiness, "grpc.port") == ports["grpc"]
-    else:
-        assert dig(readiness, "httpGet.path") == "/readyz"
-        assert dig(readiness, "httpGet.port") in ("http", ports["http"])
+    readiness = dig_obj(c, "readinessProbe.grpc")
+    assert readiness["port"] == ports["grpc"]
+    assert readiness.get("service", "") == ""
+    assert dig(c, "startupProbe.httpGet.path") == "/healthz"
+    assert dig(c, "startupProbe.httpGet.port") in ("http", ports["http"])
     assert dig(c, "livenessProbe.httpGet.path") == "/healthz"
     assert dig(c, "livenessProbe.httpGet.port") in ("http", ports["http"])
 
