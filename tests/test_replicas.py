@@ -158,6 +158,25 @@ async def read_until_ended(call: object, into: list[pb.HandoffEvent]) -> None:
             into.append(item.event)
 
 
+async def agent_ends_and_client_resumes_on(
+    replica: Replica, sandbox: BrevoSandbox, handoff: pb.Handoff, cursor: str
+) -> None:
+    """The agent says three more things and closes the chat; a client resuming from
+    ``cursor`` on ``replica`` gets exactly those, then the end."""
+    later = [await sandbox.agent_says(handoff.visitor_id, f"after {i}") for i in range(3)]
+    await sandbox.close_conversation(handoff.visitor_id)
+    await sandbox.wait_idle()
+    resumed: list[pb.HandoffEvent] = []
+    again = replica.stub.StreamAgentReplies(
+        pb.StreamAgentRepliesRequest(handoff_id=handoff.id, after_cursor=cursor)
+    )
+    await asyncio.wait_for(read_until_ended(again, resumed), 10)
+    assert all_summaries(resumed) == [
+        *[("message", m["id"], *SAM, f"after {i}") for i, m in enumerate(later)],
+        ("ended", "END_REASON_AGENT_CLOSED"),
+    ]
+
+
 async def read_until_cut(call: Any) -> None:
     """Reads heartbeats until the stream ends with an error (which it raises)."""
     while True:
@@ -233,18 +252,7 @@ async def test_a_client_of_a_killed_replica_resumes_on_the_other_with_exactly_wh
         await read_until_cut(call)
     assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
 
-    later = [await sandbox.agent_says(handoff.visitor_id, f"after {i}") for i in range(3)]
-    await sandbox.close_conversation(handoff.visitor_id)
-    await sandbox.wait_idle()
-    resumed: list[pb.HandoffEvent] = []
-    again = a.stub.StreamAgentReplies(
-        pb.StreamAgentRepliesRequest(handoff_id=handoff.id, after_cursor=received[-1].cursor)
-    )
-    await asyncio.wait_for(read_until_ended(again, resumed), 10)
-    assert all_summaries(resumed) == [
-        *[("message", m["id"], *SAM, f"after {i}") for i, m in enumerate(later)],
-        ("ended", "END_REASON_AGENT_CLOSED"),
-    ]
+    await agent_ends_and_client_resumes_on(a, sandbox, handoff, received[-1].cursor)
 
 
 async def test_the_same_fragment_posted_to_both_replicas_at_once_counts_once(
@@ -352,19 +360,8 @@ async def test_sigterm_drains_a_replica_and_its_stream_resumes_on_the_other_with
     assert [m["text"] for m in sandbox.messages(handoff.visitor_id)][-1] == "Botpress User: still?"
     assert "shutting down" in b.log
 
-    later = [await sandbox.agent_says(handoff.visitor_id, f"after {i}") for i in range(3)]
-    await sandbox.close_conversation(handoff.visitor_id)
-    await sandbox.wait_idle()
-    resumed: list[pb.HandoffEvent] = []
-    again = a.stub.StreamAgentReplies(
-        pb.StreamAgentRepliesRequest(handoff_id=handoff.id, after_cursor=received[-1].cursor)
-    )
-    await asyncio.wait_for(read_until_ended(again, resumed), 10)
     assert all_summaries(received) == [
         ("joined", *SAM),
         *[("message", m["id"], *SAM, f"before {i}") for i, m in enumerate(first)],
     ]
-    assert all_summaries(resumed) == [
-        *[("message", m["id"], *SAM, f"after {i}") for i, m in enumerate(later)],
-        ("ended", "END_REASON_AGENT_CLOSED"),
-    ]
+    await agent_ends_and_client_resumes_on(a, sandbox, handoff, received[-1].cursor)
