@@ -158,6 +158,26 @@ async def read_until_ended(call: object, into: list[pb.HandoffEvent]) -> None:
             into.append(item.event)
 
 
+async def stream_first_replies(
+    replica: Replica, sandbox: BrevoSandbox, handoff: pb.Handoff
+) -> tuple[Any, list[pb.HandoffEvent]]:
+    """Opens a stream on ``replica``; the agent joins and says three things, which arrive.
+    Returns the open call and those four events."""
+    call = replica.stub.StreamAgentReplies(pb.StreamAgentRepliesRequest(handoff_id=handoff.id))
+    first = [await sandbox.agent_says(handoff.visitor_id, f"before {i}") for i in range(3)]
+    received: list[pb.HandoffEvent] = []
+    while len(received) < 4:
+        item = await asyncio.wait_for(call.read(), 10)
+        assert isinstance(item, pb.StreamAgentRepliesResponse)
+        if item.WhichOneof("item") == "event":
+            received.append(item.event)
+    assert all_summaries(received) == [
+        ("joined", *SAM),
+        *[("message", m["id"], *SAM, f"before {i}") for i, m in enumerate(first)],
+    ]
+    return call, received
+
+
 async def agent_ends_and_client_resumes_on(
     replica: Replica, sandbox: BrevoSandbox, handoff: pb.Handoff, cursor: str
 ) -> None:
@@ -232,18 +252,7 @@ async def test_a_client_of_a_killed_replica_resumes_on_the_other_with_exactly_wh
     handoff = (
         await a.stub.StartHandoff(pb.StartHandoffRequest(conversation_id="conv-kill"))
     ).handoff
-    call = b.stub.StreamAgentReplies(pb.StreamAgentRepliesRequest(handoff_id=handoff.id))
-    first = [await sandbox.agent_says(handoff.visitor_id, f"before {i}") for i in range(3)]
-    received: list[pb.HandoffEvent] = []
-    while len(received) < 4:
-        item = await asyncio.wait_for(call.read(), 10)
-        assert isinstance(item, pb.StreamAgentRepliesResponse)
-        if item.WhichOneof("item") == "event":
-            received.append(item.event)
-    assert all_summaries(received) == [
-        ("joined", *SAM),
-        *[("message", m["id"], *SAM, f"before {i}") for i, m in enumerate(first)],
-    ]
+    call, received = await stream_first_replies(b, sandbox, handoff)
 
     b.process.kill()  # SIGKILL: no goodbye to anyone; the client's channel stays open
     assert await b.process.wait() == -signal.SIGKILL
@@ -321,14 +330,7 @@ async def test_sigterm_drains_a_replica_and_its_stream_resumes_on_the_other_with
     ).status == health_pb2.HealthCheckResponse.SERVING
     assert (await http.get(f"{b.base_url}/readyz")).status_code == 200
 
-    call = b.stub.StreamAgentReplies(pb.StreamAgentRepliesRequest(handoff_id=handoff.id))
-    first = [await sandbox.agent_says(handoff.visitor_id, f"before {i}") for i in range(3)]
-    received: list[pb.HandoffEvent] = []
-    while len(received) < 4:
-        item = await asyncio.wait_for(call.read(), 10)
-        assert isinstance(item, pb.StreamAgentRepliesResponse)
-        if item.WhichOneof("item") == "event":
-            received.append(item.event)
+    call, received = await stream_first_replies(b, sandbox, handoff)
 
     # A send in flight on B: Brevo answers its first attempt after 1.5 s, with a 500.
     sandbox.inject_faults(Fault(status=500, delay_s=1.5))
@@ -360,8 +362,4 @@ async def test_sigterm_drains_a_replica_and_its_stream_resumes_on_the_other_with
     assert [m["text"] for m in sandbox.messages(handoff.visitor_id)][-1] == "Botpress User: still?"
     assert "shutting down" in b.log
 
-    assert all_summaries(received) == [
-        ("joined", *SAM),
-        *[("message", m["id"], *SAM, f"before {i}") for i, m in enumerate(first)],
-    ]
     await agent_ends_and_client_resumes_on(a, sandbox, handoff, received[-1].cursor)
