@@ -159,10 +159,6 @@ class HandoffManager:
             )
         await self._store.ping()
 
-    @property
-    def shutting_down(self) -> bool:
-        return self._shutting_down is not None
-
     def begin_shutdown(self) -> None:
         """Drains the streams: every open one ends now with ShuttingDown, new ones are
         refused with it. Calls in flight and new unary calls carry on until the servers stop.
