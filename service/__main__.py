@@ -22,8 +22,16 @@ async def serve(config: Config) -> None:
             "not to Brevo. Its simulated agent 'Sam' answers every handoff.",
             running.sandbox_http.base_url,
         )
+    if not config.grpc_auth_tokens:
+        log.warning(
+            "GRPC_AUTH_TOKENS is not set: any client that reaches the gRPC port can call the "
+            "service. Set it to require 'authorization: Bearer <token>'."
+        )
     log.info(
-        "serving gRPC on %s:%d and Brevo webhooks on http://%s:%d/webhooks/brevo/<token>",
+        "serving gRPC%s on %s:%d and Brevo webhooks on http://%s:%d/webhooks/brevo/<token>",
+        (" over mutual TLS" if config.grpc_tls_client_ca else " over TLS")
+        if config.grpc_tls_cert
+        else "",
         config.host,
         running.grpc_port,
         config.host,

@@ -7,19 +7,21 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gateway.app import create_gateway
 from service.brevo.client import AgentIdentity, BrevoClient, RetryPolicy
 from service.brevo.sandbox import BrevoSandbox
 from service.config import Config
 from service.core import errors
+from service.core.access import SourceAllowList, TokenSet, parse_networks
 from service.core.handoffs import HandoffManager, HandoffSettings
 from service.core.inbound import ServiceIdentity
 from service.core.ports import HandoffStore, Locks
 from service.http_server import RunningHttpServer, start_http_server
 from service.metrics import Metrics
 from service.rpc.health import HealthReporter
-from service.rpc.server import GrpcServer, create_server
+from service.rpc.server import GrpcServer, TlsSettings, create_server
 from service.storage.redis_store import RedisSettings, RedisStore, describe_url
 from service.storage.sqlite import SqliteStore
 
@@ -90,6 +92,26 @@ class RunningService:
             await self.sandbox.aclose()
         if self.sandbox_http is not None:
             await self.sandbox_http.stop(grace_s)
+
+
+def _read(setting: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot read {setting}={path}: {exc.strerror or exc}") from None
+
+
+def load_tls(config: Config) -> TlsSettings | None:
+    """The gRPC TLS files the configuration names, read; None for plaintext."""
+    if not config.grpc_tls_cert:
+        return None
+    return TlsSettings(
+        cert_chain=_read("GRPC_TLS_CERT", config.grpc_tls_cert),
+        private_key=_read("GRPC_TLS_KEY", config.grpc_tls_key),
+        client_ca=_read("GRPC_TLS_CLIENT_CA", config.grpc_tls_client_ca)
+        if config.grpc_tls_client_ca
+        else None,
+    )
 
 
 async def open_store(config: Config) -> tuple[HandoffStore, Locks | None]:
@@ -184,6 +206,8 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
                 config.grpc_port,
                 max_connection_age_s=config.grpc_max_connection_age_s,
                 max_connection_age_grace_s=config.grpc_max_connection_age_grace_s,
+                auth=TokenSet(t.reveal() for t in config.grpc_auth_tokens),
+                tls=load_tls(config),
             )
         except (OSError, RuntimeError) as exc:
             raise StartupError(
@@ -192,7 +216,14 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
         try:
             http = await start_http_server(
                 create_gateway(
-                    manager, config.webhook_token.reveal(), config.webhook_max_bytes, metrics
+                    manager,
+                    TokenSet(t.reveal() for t in config.webhook_tokens),
+                    config.webhook_max_bytes,
+                    metrics,
+                    SourceAllowList(
+                        parse_networks(config.webhook_allowed_cidrs),
+                        config.webhook_trusted_proxy_header,
+                    ),
                 ),
                 config.host,
                 config.http_port,

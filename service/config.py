@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from service.core.access import parse_networks
+
 DEFAULT_BREVO_URL = "https://api.brevo.com/v3"
 
 
@@ -98,7 +100,44 @@ SETTINGS: tuple[Setting, ...] = (
         "--webhook-token",
         None,
         "Secret path token of the webhook URL /webhooks/brevo/<token> (required with an "
-        "API key; at least 16 characters). The sandbox makes one up when unset.",
+        "API key; at least 16 characters). Several, comma-separated, are all accepted "
+        "(rotation: new,old). The sandbox makes one up when unset.",
+    ),
+    Setting(
+        "WEBHOOK_ALLOWED_CIDRS",
+        "--webhook-allowed-cidrs",
+        "",
+        "Accept webhooks only from these comma-separated ranges (Brevo publishes "
+        "1.179.112.0/20,172.246.240.0/20); unset: from anywhere.",
+    ),
+    Setting(
+        "WEBHOOK_TRUSTED_PROXY_HEADER",
+        "--webhook-trusted-proxy-header",
+        "",
+        "Behind a proxy that appends the client's address to this header (e.g. "
+        "X-Forwarded-For), judge that address against WEBHOOK_ALLOWED_CIDRS instead of the "
+        "proxy's. Only with such a proxy in front: otherwise anyone can forge it.",
+    ),
+    Setting(
+        "GRPC_AUTH_TOKENS",
+        "--grpc-auth-tokens",
+        None,
+        "Bearer tokens gRPC callers must send (authorization: Bearer <token>); several, "
+        "comma-separated, are all accepted (rotation). Unset: no authentication, with a "
+        "warning at start-up. Health checks never need one.",
+    ),
+    Setting(
+        "GRPC_TLS_CERT",
+        "--grpc-tls-cert",
+        "",
+        "PEM certificate chain file: serve gRPC over TLS (with GRPC_TLS_KEY).",
+    ),
+    Setting("GRPC_TLS_KEY", "--grpc-tls-key", "", "PEM private key file of GRPC_TLS_CERT."),
+    Setting(
+        "GRPC_TLS_CLIENT_CA",
+        "--grpc-tls-client-ca",
+        "",
+        "PEM CA bundle file: require client certificates it signed (mutual TLS).",
     ),
     Setting(
         "WEBHOOK_MAX_BYTES",
@@ -260,6 +299,13 @@ class Config:
     brevo_timeout_s: float
     brevo_max_attempts: int
     webhook_token: Secret
+    webhook_tokens: tuple[Secret, ...]
+    webhook_allowed_cidrs: tuple[str, ...]
+    webhook_trusted_proxy_header: str
+    grpc_auth_tokens: tuple[Secret, ...]
+    grpc_tls_cert: str
+    grpc_tls_key: str
+    grpc_tls_client_ca: str
     webhook_max_bytes: int
     host: str
     grpc_port: int
@@ -295,7 +341,11 @@ class Config:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in a log line."""
-        found = [s.reveal() for s in (self.brevo_api_key, self.webhook_token) if s]
+        found = [
+            s.reveal()
+            for s in (self.brevo_api_key, *self.webhook_tokens, *self.grpc_auth_tokens)
+            if s
+        ]
         password = urlsplit(self.redis_url.reveal()).password if self.redis_url else None
         if password:
             found += [password, unquote(password)]
@@ -333,7 +383,8 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
         return parsed
 
     api_key = text("BREVO_API_KEY").strip()
-    token = text("WEBHOOK_TOKEN").strip()
+    tokens = [t.strip() for t in text("WEBHOOK_TOKEN").split(",") if t.strip()]
+    token = tokens[0] if tokens else ""
     agent_id = text("BREVO_AGENT_ID").strip()
     agent_email = text("BREVO_AGENT_EMAIL").strip()
     agent_name = text("BREVO_AGENT_NAME").strip()
@@ -350,14 +401,40 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
             )
     elif not token:
         token = secrets.token_urlsafe(24)
-    if token and len(token) < 16:
+        tokens = [token]
+    for each in tokens:
+        if len(each) < 16:
+            raise ConfigError(
+                "each WEBHOOK_TOKEN must be at least 16 characters: it is the only secret "
+                "protecting the webhook URL"
+            )
+        if not each.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(
+                "WEBHOOK_TOKEN may hold only letters, digits, '-' and '_' (it is part of a "
+                "URL path), several separated by commas"
+            )
+    grpc_tokens = [t.strip() for t in text("GRPC_AUTH_TOKENS").split(",") if t.strip()]
+    for each in grpc_tokens:
+        if len(each) < 16 or any(ch.isspace() for ch in each):
+            raise ConfigError(
+                "each GRPC_AUTH_TOKENS entry must be at least 16 characters without spaces "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
+    cidrs = tuple(c.strip() for c in text("WEBHOOK_ALLOWED_CIDRS").split(",") if c.strip())
+    try:
+        parse_networks(cidrs)
+    except ValueError as exc:
+        raise ConfigError(f"WEBHOOK_ALLOWED_CIDRS: {exc}") from None
+    proxy_header = text("WEBHOOK_TRUSTED_PROXY_HEADER").strip()
+    if proxy_header and not all(ch.isalnum() or ch == "-" for ch in proxy_header):
+        raise ConfigError("WEBHOOK_TRUSTED_PROXY_HEADER must be a header name like X-Forwarded-For")
+    tls_cert, tls_key = text("GRPC_TLS_CERT").strip(), text("GRPC_TLS_KEY").strip()
+    tls_client_ca = text("GRPC_TLS_CLIENT_CA").strip()
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("GRPC_TLS_CERT and GRPC_TLS_KEY go together: set both, or neither")
+    if tls_client_ca and not tls_cert:
         raise ConfigError(
-            "WEBHOOK_TOKEN must be at least 16 characters: it is the only secret "
-            "protecting the webhook URL"
-        )
-    if not token.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(
-            "WEBHOOK_TOKEN may hold only letters, digits, '-' and '_' (it is part of a URL path)"
+            "GRPC_TLS_CLIENT_CA (mutual TLS) needs GRPC_TLS_CERT and GRPC_TLS_KEY as well"
         )
     synchronous = text("HANDOFF_SQLITE_SYNCHRONOUS").upper()
     if synchronous not in ("NORMAL", "FULL", "EXTRA"):
@@ -395,6 +472,13 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
         brevo_timeout_s=number("BREVO_TIMEOUT_SECONDS", float, 0.1, 300),
         brevo_max_attempts=int(number("BREVO_MAX_ATTEMPTS", int, 1, 20)),
         webhook_token=Secret(token),
+        webhook_tokens=tuple(Secret(t) for t in tokens),
+        webhook_allowed_cidrs=cidrs,
+        webhook_trusted_proxy_header=proxy_header,
+        grpc_auth_tokens=tuple(Secret(t) for t in grpc_tokens),
+        grpc_tls_cert=tls_cert,
+        grpc_tls_key=tls_key,
+        grpc_tls_client_ca=tls_client_ca,
         webhook_max_bytes=int(number("WEBHOOK_MAX_BYTES", int, 1024, 64 * 1024 * 1024)),
         host=text("HANDOFF_HOST"),
         grpc_port=int(number("HANDOFF_GRPC_PORT", int, 0, 65535)),

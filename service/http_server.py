@@ -69,6 +69,10 @@ async def start_http_server(app: ASGIApp, host: str, port: int) -> RunningHttpSe
         lifespan="off",
         timeout_graceful_shutdown=5,
         server_header=False,
+        # uvicorn would otherwise take the client address from X-Forwarded-For whenever the
+        # peer is 127.0.0.1 (a sidecar, or anyone on the host), and the webhook allow-list
+        # would judge a forged address. WEBHOOK_TRUSTED_PROXY_HEADER says when to trust one.
+        proxy_headers=False,
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -89,7 +89,7 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         self._webhooks = Counter(
             "handoff_webhooks",
-            "Brevo webhooks received, by event and outcome (stored, duplicate, "
+            "Brevo webhooks received, by event and outcome (stored, duplicate, forbidden_source, "
             "unknown_visitor, ignored_event, invalid, too_large, unauthorized, unavailable, "
             "error).",
             ["event", "outcome"],

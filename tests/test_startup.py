@@ -24,6 +24,8 @@ from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "xkeysib-0123456789abcdef-TestSecretKey"
 TOKEN = "tok_ThisIsTheWebhookSecret_42"
+GRPC_TOKEN = "grpc_ThisIsTheCallersSecret_42"
+AUTH = (("authorization", f"Bearer {GRPC_TOKEN}"),)
 
 
 def base_env(tmp_path: Path) -> dict[str, str]:
@@ -138,6 +140,7 @@ async def test_without_a_key_it_says_it_uses_the_sandbox_and_stops_on_sigterm(
         banner = "".join(lines)
         assert "BREVO_API_KEY is not set" in banner
         assert "SANDBOX" in banner
+        assert "GRPC_AUTH_TOKENS is not set: any client that reaches the gRPC port" in banner
         async with grpc.aio.insecure_channel(f"127.0.0.1:{env['HANDOFF_GRPC_PORT']}") as channel:
             stub = pb_grpc.HandoffServiceStub(channel)
             started = await stub.StartHandoff(pb.StartHandoffRequest(conversation_id="smoke"))
@@ -160,6 +163,7 @@ async def test_no_secret_reaches_a_log_line(
         BREVO_BASE_URL=f"{server.base_url}/v3",
         BREVO_AGENT_ID=SERVICE_AGENT_ID,
         WEBHOOK_TOKEN=TOKEN,
+        GRPC_AUTH_TOKENS=GRPC_TOKEN,
         HANDOFF_LOG_LEVEL="DEBUG",
     )
     sandbox.set_webhook_url(f"http://127.0.0.1:{env['HANDOFF_HTTP_PORT']}/webhooks/brevo/{TOKEN}")
@@ -171,16 +175,26 @@ async def test_no_secret_reaches_a_log_line(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{env['HANDOFF_GRPC_PORT']}") as channel:
             stub = pb_grpc.HandoffServiceStub(channel)
             handoff = (
-                await stub.StartHandoff(pb.StartHandoffRequest(conversation_id="secret-check"))
+                await stub.StartHandoff(
+                    pb.StartHandoffRequest(conversation_id="secret-check"), metadata=AUTH
+                )
             ).handoff
-            call = stub.StreamAgentReplies(pb.StreamAgentRepliesRequest(handoff_id=handoff.id))
+            call = stub.StreamAgentReplies(
+                pb.StreamAgentRepliesRequest(handoff_id=handoff.id), metadata=AUTH
+            )
             async for item in call:
                 if item.WhichOneof("item") == "event" and item.event.HasField("agent_message"):
                     break
             call.cancel()
             await stub.SendMessage(
-                pb.SendMessageRequest(handoff_id=handoff.id, client_message_id="1", text="bye")
+                pb.SendMessageRequest(handoff_id=handoff.id, client_message_id="1", text="bye"),
+                metadata=AUTH,
             )
+            with pytest.raises(grpc.aio.AioRpcError):  # a refused token is not logged either
+                await stub.GetHandoff(
+                    pb.GetHandoffRequest(handoff_id=handoff.id),
+                    metadata=(("authorization", f"Bearer {GRPC_TOKEN}x"),),
+                )
             await sandbox.wait_idle()
         # A request with a wrong token is not logged with its path either.
         async with httpx.AsyncClient() as http:
@@ -197,6 +211,8 @@ async def test_no_secret_reaches_a_log_line(
     assert "Brevo API key accepted" in log
     assert API_KEY not in log
     assert TOKEN not in log
+    assert GRPC_TOKEN not in log
+    assert "bearer token not accepted" in log
 
 
 def test_the_redis_password_counts_as_a_secret() -> None:

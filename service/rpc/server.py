@@ -10,7 +10,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.core.access import TokenSet
 from service.core.handoffs import HandoffManager
+from service.rpc.auth import BearerAuth
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
 from service.rpc.health import HealthReporter
@@ -53,6 +55,22 @@ def server_options(
     return options
 
 
+@dataclass(frozen=True)
+class TlsSettings:
+    """PEM contents. With ``client_ca`` set, clients must present a certificate it signed."""
+
+    cert_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.cert_chain)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+
+
 @dataclass
 class GrpcServer:
     server: grpc.aio.Server
@@ -87,6 +105,8 @@ async def create_server(
     *,
     max_connection_age_s: float = 0,
     max_connection_age_grace_s: float = 0,
+    auth: TokenSet | None = None,
+    tls: TlsSettings | None = None,
 ) -> GrpcServer:
     """Builds and starts the server on ``host:port`` (0 picks a free port).
 
@@ -94,7 +114,8 @@ async def create_server(
     up to date) and server reflection, for grpcurl, ``buf curl`` and grpc-health-probe.
     """
     server = grpc.aio.server(
-        options=server_options(max_connection_age_s, max_connection_age_grace_s)
+        options=server_options(max_connection_age_s, max_connection_age_grace_s),
+        interceptors=[BearerAuth(auth)] if auth else None,
     )
     servicer = HandoffServicer(manager)
     pb_grpc.add_HandoffServiceServicer_to_server(servicer, server)
@@ -104,7 +125,10 @@ async def create_server(
         (HANDOFF_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, tls.credentials())
     if bound == 0:
         raise OSError(f"could not bind the gRPC port {address}")
     await server.start()
