@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "node"
 API_KEY = "xkeysib-node-example-0123456789-SecretKey"
 TOKEN = "tok_NodeExampleWebhookSecret_0042"
+GRPC_TOKEN = "grpc-node-example-Token-0123456789"  # the service requires it
 PREFIX = "Botpress User: "
 SAM = {"id": "SandboxAgentSam01", "name": "Sam"}
 AGENT_DELAY_S = 0.4
@@ -232,6 +233,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             BREVO_BASE_URL=f"{brevo.base_url}/v3",
             BREVO_AGENT_ID=SERVICE_AGENT_ID,
             WEBHOOK_TOKEN=TOKEN,
+            GRPC_AUTH_TOKENS=GRPC_TOKEN,
             HANDOFF_HOST="127.0.0.1",
             HANDOFF_GRPC_PORT=str(grpc_port),
             HANDOFF_HTTP_PORT=str(http_port),
@@ -280,6 +282,7 @@ async def test_the_node_example_resumes_across_a_service_restart_and_ends_cleanl
         env={
             "PATH": os.environ.get("PATH", ""),
             "HANDOFF_ADDR": f"127.0.0.1:{world.grpc_port}",
+            "HANDOFF_TOKEN": GRPC_TOKEN,
             "HANDOFF_PROTO": str(ROOT / "protos" / "handoff" / "v1" / "handoff.proto"),
             "BOT_FIRST_MESSAGE": FIRST,
             "MESSAGES": json.dumps(MORE),

@@ -45,6 +45,8 @@ function listSetting(name) {
 
 const settings = {
   address: env.HANDOFF_ADDR || '127.0.0.1:50051',
+  // One of the service's GRPC_AUTH_TOKENS, sent as 'authorization: Bearer <token>'.
+  token: env.HANDOFF_TOKEN || '',
   protoPath: env.HANDOFF_PROTO || path.resolve(__dirname, '../../protos/handoff/v1/handoff.proto'),
   conversationId:
     args.find((arg) => !arg.startsWith('--')) ||
@@ -121,10 +123,19 @@ function backoffMs(attempt) {
   return Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);
 }
 
+/** Per-call metadata: the bearer token when the service requires one. */
+function callMetadata() {
+  const metadata = new grpc.Metadata();
+  if (settings.token) metadata.set('authorization', `Bearer ${settings.token}`);
+  return metadata;
+}
+
 function unary(method, request) {
   return new Promise((resolve, reject) => {
     const deadline = Date.now() + settings.callTimeoutMs;
-    client[method](request, { deadline }, (err, response) => (err ? reject(err) : resolve(response)));
+    client[method](request, callMetadata(), { deadline }, (err, response) =>
+      err ? reject(err) : resolve(response),
+    );
   });
 }
 
@@ -300,7 +311,7 @@ let currentCall = null;
  */
 function readStream(request, onItem) {
   return new Promise((resolve) => {
-    const call = client.StreamAgentReplies(request);
+    const call = client.StreamAgentReplies(request, callMetadata());
     currentCall = call;
     let settled = false;
     let idleTimer = null;
