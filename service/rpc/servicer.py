@@ -81,20 +81,31 @@ class CallsInFlight:
         self.count = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._abandoned: set[asyncio.Future[Any]] = set()
 
     async def run(self, work: Awaitable[T]) -> T:
         task = asyncio.ensure_future(work)
         self.count += 1
         self._idle.clear()
         task.add_done_callback(self._finished)
-        # shield also marks an abandoned task's error as retrieved: its caller has gone
-        # (and will retry), the error went nowhere else.
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                self._abandoned.add(task)
+            raise
 
     def _finished(self, task: asyncio.Future[Any]) -> None:
         self.count -= 1
         if self.count == 0:
             self._idle.set()
+        if task not in self._abandoned:
+            return  # its caller awaits it and receives its result or error
+        self._abandoned.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            # Nobody else will hear of it: the caller gave up (and will retry).
+            log.info("a call whose caller had given up failed: %s", error or type(error).__name__)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no call is in flight, False if some still are after ``timeout_s``."""
