@@ -76,6 +76,19 @@ class WebhookEvent:
     problems: tuple[str, ...] = ()
 
 
+MAX_INT64 = 2**63 - 1
+MAX_INT32 = 2**31 - 1
+# The times a protobuf Timestamp can carry: the years 1 to 9999, in milliseconds.
+MIN_TIME_MS = -62_135_596_800_000
+MAX_TIME_MS = 253_402_300_799_999
+
+
+def _clean(value: str) -> str:
+    """``value`` without lone surrogates (JSON can escape them; nothing downstream can store
+    or send them): each becomes '?'."""
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
 class _Reader:
     """Collects what was unusable while reading one body."""
 
@@ -87,7 +100,7 @@ class _Reader:
         if value is None:
             return ""
         if isinstance(value, str):
-            return value
+            return _clean(value)
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
         self.problems.append(f"{where}.{key} is {type(value).__name__}, expected a string")
@@ -100,7 +113,7 @@ class _Reader:
         if isinstance(value, bool):
             self.problems.append(f"{where}.{key} is a boolean, expected a number")
             return None
-        if isinstance(value, int):
+        if isinstance(value, int) and abs(value) <= MAX_INT64:
             return value
         if isinstance(value, float) and value == value and abs(value) < 1e18:
             return int(value)
@@ -155,10 +168,10 @@ class _Reader:
             name=self.text(raw, "name", where) or self.text(raw, "filename", where),
             link=self.text(raw, "link", where) or self.text(raw, "url", where),
             mime_type=self.text(raw, "mimeType", where),
-            size=max(size, 0),
+            size=min(max(size, 0), MAX_INT64),
             is_image=bool(self.flag(raw, "isImage", where)),
-            width=max(self.number(image, "width", where + ".imageInfo") or 0, 0),
-            height=max(self.number(image, "height", where + ".imageInfo") or 0, 0),
+            width=min(max(self.number(image, "width", where + ".imageInfo") or 0, 0), MAX_INT32),
+            height=min(max(self.number(image, "height", where + ".imageInfo") or 0, 0), MAX_INT32),
             preview_url=self.text(image, "previewLink", where + ".imageInfo")
             or self.text(image, "previewUrl", where + ".imageInfo"),
         )
@@ -171,6 +184,9 @@ class _Reader:
         for index, item in enumerate(self.items(raw, "attachments", where)):
             files.append(self.file(item, f"{where}.attachments[{index}]"))
         created = self.number(raw, "createdAt", where)
+        if created is not None and not MIN_TIME_MS <= created <= MAX_TIME_MS:
+            self.problems.append(f"{where}.createdAt is outside the years 1-9999")
+            created = None
         message = BrevoMessage(
             id=self.text(raw, "id", where),
             type=self.text(raw, "type", where),
@@ -205,7 +221,7 @@ def parse_webhook(body: object) -> WebhookEvent:
         raise InvalidPayload("eventName is missing or not a string")
     reader = _Reader()
     if name not in KNOWN_EVENTS:
-        return WebhookEvent(event_name=name)
+        return WebhookEvent(event_name=_clean(name))
     raw_messages = reader.items(obj, "messages", "body")
     if name == CONVERSATION_STARTED:
         first = reader.mapping(obj, "message", "body")
@@ -227,7 +243,7 @@ def parse_webhook(body: object) -> WebhookEvent:
     visitor_id = ""
     visitor_value = obj.get("visitor")
     if isinstance(visitor_value, str):
-        visitor_id = visitor_value
+        visitor_id = _clean(visitor_value)
     else:
         visitor = reader.mapping(obj, "visitor", "body")
         if visitor is not None:
@@ -237,7 +253,7 @@ def parse_webhook(body: object) -> WebhookEvent:
         for raw in raw_messages:
             candidate = raw.get("visitorId")
             if isinstance(candidate, str) and candidate:
-                visitor_id = candidate
+                visitor_id = _clean(candidate)
                 break
     return WebhookEvent(
         event_name=name,

@@ -42,6 +42,8 @@ MAX_ATTACHMENTS = 20
 MAX_URL_CHARS = 2048
 MAX_MAP_ENTRIES = 64
 MAX_HISTORY_TURNS = 500
+MAX_FIELD_CHARS = 1000  # user.id/name/email/picture_url, title
+MAX_OPENING_TEXT_CHARS = 100_000  # description and history together: at most ~25 posts
 COMMIT_ATTEMPTS = 20
 
 
@@ -181,6 +183,23 @@ class HandoffManager:
         if len(request.history) > MAX_HISTORY_TURNS:
             raise errors.InvalidArgument(
                 "history", f"at most {MAX_HISTORY_TURNS} turns; send only the most recent ones"
+            )
+        user = request.user
+        for name, value in (
+            ("user.id", user.id),
+            ("user.name", user.name),
+            ("user.email", user.email),
+            ("user.picture_url", user.picture_url),
+            ("title", request.title),
+        ):
+            if len(value) > MAX_FIELD_CHARS:
+                raise errors.InvalidArgument(name, f"at most {MAX_FIELD_CHARS} characters")
+        opening_chars = len(request.description) + sum(len(t.text) for t in request.history)
+        if opening_chars > MAX_OPENING_TEXT_CHARS:
+            raise errors.InvalidArgument(
+                "history",
+                f"the description and history hold {opening_chars} characters, more than "
+                f"{MAX_OPENING_TEXT_CHARS} the agent can be shown; send the most recent turns",
             )
         async with self._locks.hold(f"conversation:{request.conversation_id}"):
             existing = await self._store.find_open_by_conversation(request.conversation_id)
@@ -425,6 +444,7 @@ class HandoffManager:
         if self._shutting_down is not None:
             raise self._shutting_down
         if handoff_id:
+            _require_id("handoff_id", handoff_id)
             bind_handoff(handoff_id)
         after: int | None = None
         if after_cursor:
@@ -499,7 +519,9 @@ class HandoffManager:
     async def _get(self, handoff_id: str) -> Handoff:
         handoff = await self._store.get_handoff(handoff_id)
         if handoff is None:
-            raise errors.NotFound(f"no handoff {handoff_id!r}; use the id StartHandoff returned")
+            raise errors.NotFound(
+                f"no handoff {handoff_id[:80]!r}; use the id StartHandoff returned"
+            )
         return handoff
 
     async def _update(

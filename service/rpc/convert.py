@@ -58,7 +58,12 @@ def start_request(req: pb.StartHandoffRequest) -> StartRequest:
             role = Role.BOT
         else:
             raise errors.InvalidArgument(f"history[{index}].role", "must be ROLE_USER or ROLE_BOT")
-        time_ms = turn.time.ToMilliseconds() if turn.HasField("time") else None
+        try:
+            time_ms = turn.time.ToMilliseconds() if turn.HasField("time") else None
+        except ValueError:
+            raise errors.InvalidArgument(
+                f"history[{index}].time", "must be a valid time between the years 1 and 9999"
+            ) from None
         history.append(HistoryTurn(role=role, text=turn.text, time_ms=time_ms))
     return StartRequest(
         conversation_id=req.conversation_id,

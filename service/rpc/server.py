@@ -16,6 +16,7 @@ from service.rpc.auth import BearerAuth
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
 from service.rpc.health import HealthReporter
+from service.rpc.malformed import RejectMalformed
 from service.rpc.servicer import CallsInFlight, HandoffServicer
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,9 @@ async def create_server(
     """
     server = grpc.aio.server(
         options=server_options(max_connection_age_s, max_connection_age_grace_s),
-        interceptors=[BearerAuth(auth)] if auth else None,
+        # Authentication first: an unauthenticated caller learns nothing, not even whether
+        # its request parsed.
+        interceptors=[*([BearerAuth(auth)] if auth else []), RejectMalformed()],
     )
     servicer = HandoffServicer(manager)
     pb_grpc.add_HandoffServiceServicer_to_server(servicer, server)
