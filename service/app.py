@@ -86,6 +86,7 @@ class RunningService:
         for task in self.background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.manager.stop_releases()
         await self.store.close()
         await self.brevo.aclose()
         if self.sandbox is not None:
@@ -181,6 +182,7 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
                 agent_timeout_s=config.agent_timeout_s,
                 opening_max_chars=config.opening_max_chars,
                 heartbeat_s=config.heartbeat_s,
+                reorder_window_s=config.reorder_window_s,
                 stream_buffer=config.stream_buffer,
                 log_message_text=config.log_message_text,
             ),
@@ -260,6 +262,9 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
     )
     if not manager.brevo_key_checked:
         running.background.append(asyncio.create_task(_recheck_brevo_key(manager)))
+    if config.reorder_window_s > 0:
+        # Releases what a stopped or crashed process held, and what its timers missed.
+        running.background.append(asyncio.create_task(manager.run_releases()))
     if config.agent_timeout_s > 0:
         interval = min(max(config.agent_timeout_s / 10, 0.05), 5.0)
         running.background.append(asyncio.create_task(manager.run_timeouts(interval)))

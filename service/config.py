@@ -228,6 +228,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Heartbeat interval on idle reply streams.",
     ),
     Setting(
+        "HANDOFF_REORDER_WINDOW_SECONDS",
+        "--reorder-window-seconds",
+        "0",
+        "Hold each agent message this long before it goes to the streams, so that one Brevo "
+        "delivers later but created earlier still goes first (createdAt order across "
+        "webhooks). 0: at once, ordered within each webhook only.",
+    ),
+    Setting(
         "HANDOFF_STREAM_BUFFER",
         "--stream-buffer",
         "1000",
@@ -323,6 +331,7 @@ class Config:
     timeout_notice: str
     opening_max_chars: int
     heartbeat_s: float
+    reorder_window_s: float
     stream_buffer: int
     shutdown_grace_s: float
     grpc_max_connection_age_s: float
@@ -496,6 +505,7 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
         timeout_notice=text("HANDOFF_TIMEOUT_NOTICE"),
         opening_max_chars=int(number("HANDOFF_OPENING_MAX_CHARS", int, 200, 100_000)),
         heartbeat_s=number("HANDOFF_HEARTBEAT_SECONDS", float, 0.05, 3600),
+        reorder_window_s=number("HANDOFF_REORDER_WINDOW_SECONDS", float, 0, 60),
         stream_buffer=int(number("HANDOFF_STREAM_BUFFER", int, 1, 1_000_000)),
         shutdown_grace_s=number("HANDOFF_SHUTDOWN_GRACE_SECONDS", float, 0, 3600),
         grpc_max_connection_age_s=number("GRPC_MAX_CONNECTION_AGE_SECONDS", float, 0, 30 * 86400),

@@ -20,6 +20,7 @@ from service.core.models import (
     EndReason,
     HandoffEnded,
     HandoffState,
+    HeldMessage,
     NewEvent,
     NoAgentAvailable,
     StoredEvent,
@@ -208,3 +209,23 @@ async def test_pending_before(opener: Opener) -> None:
     await store.commit(Commit(dataclasses.replace(h2, state=HandoffState.ACTIVE), 0))
     assert [h.id for h in await store.pending_before(1003)] == ["ho_1"]
     assert [h.id for h in await store.pending_before(2000)] == ["ho_1", "ho_3"]
+
+
+async def test_held_due_lists_handoffs_holding_messages_by_release_time(opener: Opener) -> None:
+    store = await opener()
+    message = AgentMessage("m1", Agent("A1", "Ann"), "held")
+    for n, release_at in ((1, 500), (2, 300), (3, None)):
+        h, _ = await store.create_handoff(sample_handoff(n))
+        held = () if release_at is None else (HeldMessage(message, 10, 20, release_at),)
+        await store.commit(Commit(dataclasses.replace(h, held=held), 0))
+    assert [h.id for h in await store.held_due(299)] == []
+    assert [h.id for h in await store.held_due(300)] == ["ho_2"]
+    due = await store.held_due(10_000)
+    assert [h.id for h in due] == ["ho_2", "ho_1"]
+    assert due[1].held == (HeldMessage(message, 10, 20, 500),)  # the record keeps them
+    # Released: no longer listed; the record survives reopening with what it still holds.
+    h2 = due[0]
+    await store.commit(Commit(dataclasses.replace(h2, held=()), h2.version))
+    await store.close()
+    reopened = await opener()
+    assert [h.id for h in await reopened.held_due(10_000)] == ["ho_1"]

@@ -15,6 +15,7 @@ from service.core.models import (
     Handoff,
     HandoffEnded,
     HandoffState,
+    HeldMessage,
     NoAgentAvailable,
 )
 
@@ -74,6 +75,7 @@ def handoff_to_json(h: Handoff) -> str:
             "no_agent_available": h.no_agent_available,
             "opening_parts": list(h.opening_parts),
             "opening_posted": h.opening_posted,
+            "held": [_held_json(m) for m in h.held],
         },
         separators=(",", ":"),
     )
@@ -85,6 +87,7 @@ def handoff_from_json(text: str) -> Handoff:
     metadata = _obj(obj.get("metadata"))
     parts = obj.get("opening_parts")
     agents = obj.get("agents")
+    held = obj.get("held")
     return Handoff(
         id=_s(obj, "id"),
         conversation_id=_s(obj, "conversation_id"),
@@ -100,10 +103,37 @@ def handoff_from_json(text: str) -> Handoff:
         no_agent_available=obj.get("no_agent_available") is True,
         opening_parts=tuple(str(p) for p in parts) if isinstance(parts, list) else (),
         opening_posted=_i(obj, "opening_posted"),
+        held=tuple(_held(m) for m in held) if isinstance(held, list) else (),
+    )
+
+
+def _held_json(m: HeldMessage) -> JsonObject:
+    return {
+        "message": _payload_json(m.message),
+        "created_at_ms": m.created_at_ms,
+        "arrived_at_ms": m.arrived_at_ms,
+        "release_at_ms": m.release_at_ms,
+    }
+
+
+def _held(raw: object) -> HeldMessage:
+    obj = _obj(raw)
+    message = _payload(_obj(obj.get("message")))
+    if not isinstance(message, AgentMessage):
+        raise ValueError(f"a held message must be an agent message, not {message!r}")
+    return HeldMessage(
+        message,
+        created_at_ms=_i(obj, "created_at_ms"),
+        arrived_at_ms=_i(obj, "arrived_at_ms"),
+        release_at_ms=_i(obj, "release_at_ms"),
     )
 
 
 def payload_to_json(payload: EventPayload) -> str:
+    return json.dumps(_payload_json(payload), separators=(",", ":"))
+
+
+def _payload_json(payload: EventPayload) -> JsonObject:
     body: JsonObject
     match payload:
         case AgentMessage():
@@ -121,11 +151,14 @@ def payload_to_json(payload: EventPayload) -> str:
             body = {"type": "no_agent_available"}
         case HandoffEnded():
             body = {"type": "handoff_ended", "reason": payload.reason.value}
-    return json.dumps(body, separators=(",", ":"))
+    return body
 
 
 def payload_from_json(text: str) -> EventPayload:
-    obj = _obj(json.loads(text))
+    return _payload(_obj(json.loads(text)))
+
+
+def _payload(obj: dict[str, object]) -> EventPayload:
     kind = obj.get("type")
     if kind == "agent_message":
         attachments = obj.get("attachments")

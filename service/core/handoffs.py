@@ -34,6 +34,7 @@ from service.core.models import (
 )
 from service.core.outbound import opening_parts, user_message_text
 from service.core.ports import BrevoApi, HandoffStore, Locks
+from service.core.reorder import release_held
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ MAX_HISTORY_TURNS = 500
 MAX_FIELD_CHARS = 1000  # user.id/name/email/picture_url, title
 MAX_OPENING_TEXT_CHARS = 100_000  # description and history together: at most ~25 posts
 COMMIT_ATTEMPTS = 20
+RELEASE_SWEEP_S = 1.0  # how often held messages a lost timer left behind are looked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ class HandoffSettings:
     stream_buffer: int = 1000
     replay_page: int = 500
     heartbeat_s: float = 15.0
+    reorder_window_s: float = 0.0  # 0 = agent messages go to the log at once
     log_message_text: bool = False  # personal data: only when debugging asks for it
 
 
@@ -129,6 +132,10 @@ class HandoffManager:
         self._on_delivered = on_delivered or _ignore_delivery
         self._shutting_down: errors.ShuttingDown | None = None
         self._brevo_key_checked = False
+        # The reorder window: one timer per handoff holding messages, and the releases the
+        # timers started (kept so that they are not garbage-collected mid-way).
+        self._release_timers: dict[str, tuple[int, asyncio.TimerHandle]] = {}
+        self._releases: set[asyncio.Task[None]] = set()
         store.set_listener(self._hub.publish, self._hub.interrupt)
 
     @property
@@ -323,8 +330,8 @@ class HandoffManager:
             bind_handoff(candidate.id)
             async with self._exclusive.hold(f"send:{candidate.id}"):
                 handoff = await self._get(candidate.id)
-                if handoff.state is not HandoffState.PENDING_AGENT:
-                    continue
+                if handoff.state is not HandoffState.PENDING_AGENT or handoff.held:
+                    continue  # an agent took it, or has answered (held in the reorder window)
                 try:
                     await self._brevo.send_agent_message(
                         handoff.visitor_id, self.settings.timeout_notice
@@ -347,6 +354,76 @@ class HandoffManager:
                 await self.expire_pending()
             except errors.HandoffError as exc:
                 log.warning("agent-timeout check failed, will retry: %s", exc)
+
+    # --- The reorder window -----------------------------------------------------------------
+
+    @property
+    def _reorder_window_ms(self) -> int:
+        return round(self.settings.reorder_window_s * 1000)
+
+    async def release_due(self, handoff_id: str) -> int:
+        """Moves the held agent messages of a handoff that are due to the event log; returns
+        how many events that stored. Safe to run on any replica, any number of times."""
+        bind_handoff(handoff_id)
+
+        def change(h: Handoff) -> Commit | None:
+            released, events = release_held(h, self._now())
+            return Commit(released, h.version, events=events) if events else None
+
+        async with self._locks.hold(f"inbound:{handoff_id}"):
+            handoff, stored = await self._update(handoff_id, change)
+        self._schedule_release(handoff)
+        return len(stored)
+
+    async def release_overdue(self) -> int:
+        """Releases what every handoff holds past its time: messages whose timer was lost
+        (the replica that held them stopped or crashed). Returns how many events."""
+        return sum([await self.release_due(h.id) for h in await self._store.held_due(self._now())])
+
+    async def run_releases(self, interval_s: float = RELEASE_SWEEP_S) -> None:
+        """Calls ``release_overdue`` every ``interval_s`` until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.release_overdue()
+            except errors.HandoffError as exc:
+                log.warning("releasing held agent messages failed, will retry: %s", exc)
+
+    def _schedule_release(self, handoff: Handoff) -> None:
+        """Wakes ``release_due`` when the next message this handoff holds is due."""
+        at_ms = handoff.next_release_ms
+        if at_ms is None or self._shutting_down is not None:
+            return
+        scheduled = self._release_timers.get(handoff.id)
+        if scheduled is not None:
+            if scheduled[0] <= at_ms:
+                return
+            scheduled[1].cancel()
+        # One millisecond late rather than early: the release compares whole milliseconds.
+        delay_s = max(0, at_ms - self._now() + 1) / 1000
+        timer = asyncio.get_running_loop().call_later(delay_s, self._release_now, handoff.id)
+        self._release_timers[handoff.id] = (at_ms, timer)
+
+    def _release_now(self, handoff_id: str) -> None:
+        self._release_timers.pop(handoff_id, None)
+        task = asyncio.create_task(self._release_logged(handoff_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release_logged(self, handoff_id: str) -> None:
+        try:
+            await self.release_due(handoff_id)
+        except errors.HandoffError as exc:
+            log.warning("releasing held agent messages failed; the sweep retries: %s", exc)
+
+    async def stop_releases(self) -> None:
+        """Cancels the release timers and waits for the releases under way. What is still
+        held stays in the store, for the sweep of this or another process."""
+        for _, timer in self._release_timers.values():
+            timer.cancel()
+        self._release_timers.clear()
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
 
     # --- Webhooks -------------------------------------------------------------------------
 
@@ -386,6 +463,8 @@ class HandoffManager:
                     sent=await self._store.sent_message_ids(current.id, ids),
                     identity=self.settings.identity,
                     now_ms=self._now(),
+                    received_at_ms=received,
+                    reorder_window_ms=self._reorder_window_ms,
                 )
                 if not plan.changes_anything and plan.handoff == current:
                     self._count_dropped(plan.dropped)
@@ -396,15 +475,14 @@ class HandoffManager:
                         Commit(
                             plan.handoff,
                             current.version,
-                            events=tuple(
-                                dataclasses.replace(e, received_at_ms=received) for e in plan.events
-                            ),
+                            events=plan.events,
                             seen_message_ids=plan.seen_message_ids,
                         )
                     )
                 except errors.ConcurrentUpdate:
                     continue
                 self._count_dropped(plan.dropped)
+                self._schedule_release(plan.handoff)
                 self.stats["webhooks_stored"] += 1
                 for new in plan.events:
                     if isinstance(new.payload, AgentMessage):
@@ -545,10 +623,13 @@ class HandoffManager:
             if not h.is_open:
                 return None
             now = self._now()
+            flushed, released = release_held(h, now, flush=True)
             ended = dataclasses.replace(
-                h, state=HandoffState.ENDED, end_reason=reason, updated_at_ms=now
+                flushed, state=HandoffState.ENDED, end_reason=reason, updated_at_ms=now
             )
-            return Commit(ended, h.version, events=(NewEvent(now, HandoffEnded(reason), now),))
+            return Commit(
+                ended, h.version, events=(*released, NewEvent(now, HandoffEnded(reason), now))
+            )
 
         return await self._update(handoff_id, change)
 

@@ -18,7 +18,6 @@ from service.core.brevo_payloads import (
 )
 from service.core.models import (
     Agent,
-    AgentJoined,
     AgentMessage,
     Attachment,
     AttachmentKind,
@@ -26,9 +25,11 @@ from service.core.models import (
     Handoff,
     HandoffEnded,
     HandoffState,
+    HeldMessage,
     NewEvent,
     NoAgentAvailable,
 )
+from service.core.reorder import release_held
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,8 @@ def plan_inbound(
     sent: set[str],
     identity: ServiceIdentity,
     now_ms: int,
+    received_at_ms: int | None = None,
+    reorder_window_ms: int = 0,
 ) -> InboundPlan:
     """Applies one webhook to one handoff.
 
@@ -66,27 +69,32 @@ def plan_inbound(
     - a message id handled before (this delivery or an earlier one) is skipped;
     - visitor, pushed and trigger messages and the service's own echoes are dropped;
       echoes are recognised by the stored id, then ``receivedFrom``, then the agent id;
-    - an agent's first message in the handoff is preceded by ``AgentJoined``;
+    - the agent messages left are held for ``reorder_window_ms`` (see ``reorder``), and
+      what is due goes to the log; an agent's first message is preceded by ``AgentJoined``;
     - ``isNoAvailableAgent`` gives ``NoAgentAvailable`` each time it turns true;
-    - a transcript ends the handoff after its not-yet-emitted agent messages.
+    - a transcript ends the handoff after every agent message not yet emitted.
+
+    ``received_at_ms`` (default ``now_ms``) is when the webhook reached the service; its
+    events carry it, for the latency metric.
     """
+    received = now_ms if received_at_ms is None else received_at_ms
     dropped: Counter[str] = Counter()
     if not handoff.is_open:
         dropped["handoff_ended"] += len(event.messages)
         return InboundPlan(handoff, (), (), dropped)
 
     events: list[NewEvent] = []
-    agents = list(handoff.agents)
-    state = handoff.state
     no_agent = handoff.no_agent_available
     brevo_conversation_id = event.conversation_id or handoff.brevo_conversation_id
 
     if event.no_agent_available is True and not no_agent:
-        events.append(NewEvent(now_ms, NoAgentAvailable()))
+        events.append(NewEvent(now_ms, NoAgentAvailable(), received))
         no_agent = True
     elif event.no_agent_available is False:
         no_agent = False
 
+    known = [*handoff.agents, *(m.message.agent for m in handoff.held)]
+    held: list[HeldMessage] = []
     handled: list[str] = []
     handled_here: set[str] = set()
     for message in sort_messages(event.messages, now_ms):
@@ -99,14 +107,11 @@ def plan_inbound(
         if reason is not None:
             dropped[reason] += 1
             continue
-        agent = _agent_of(message, event, agents)
-        occurred = message.created_at_ms if message.created_at_ms is not None else now_ms
-        if all(known.id != agent.id for known in agents):
-            agents.append(agent)
-            events.append(NewEvent(occurred, AgentJoined(agent)))
-        events.append(
-            NewEvent(
-                occurred,
+        agent = _agent_of(message, event, known)
+        if all(k.id != agent.id for k in known):
+            known.append(agent)
+        held.append(
+            HeldMessage(
                 AgentMessage(
                     brevo_message_id=message.id,
                     agent=agent,
@@ -114,26 +119,32 @@ def plan_inbound(
                     html=message.html,
                     attachments=tuple(_attachment(f) for f in message.files),
                 ),
+                created_at_ms=_time(message, now_ms),
+                arrived_at_ms=received,
+                release_at_ms=received + reorder_window_ms,
             )
         )
-        state = HandoffState.ACTIVE
-        no_agent = False
 
-    end_reason = handoff.end_reason
-    if event.event_name == CONVERSATION_TRANSCRIPT:
-        events.append(NewEvent(now_ms, HandoffEnded(EndReason.AGENT_CLOSED)))
-        state = HandoffState.ENDED
-        end_reason = EndReason.AGENT_CLOSED
-
-    changed = dataclasses.replace(
-        handoff,
-        state=state,
-        end_reason=end_reason,
-        agents=tuple(agents),
-        no_agent_available=no_agent,
-        brevo_conversation_id=brevo_conversation_id,
-        updated_at_ms=now_ms if state is not handoff.state else handoff.updated_at_ms,
+    transcript = event.event_name == CONVERSATION_TRANSCRIPT
+    changed, released = release_held(
+        dataclasses.replace(
+            handoff,
+            held=(*handoff.held, *held),
+            no_agent_available=no_agent,
+            brevo_conversation_id=brevo_conversation_id,
+        ),
+        now_ms,
+        flush=transcript,
     )
+    events += released
+    if transcript:
+        events.append(NewEvent(now_ms, HandoffEnded(EndReason.AGENT_CLOSED), received))
+        changed = dataclasses.replace(
+            changed,
+            state=HandoffState.ENDED,
+            end_reason=EndReason.AGENT_CLOSED,
+            updated_at_ms=now_ms,
+        )
     if not events and not handled and changed == handoff:
         return InboundPlan(handoff, (), (), dropped)
     return InboundPlan(changed, tuple(events), tuple(handled), dropped)

@@ -85,10 +85,18 @@ class Handoff:
     # The opening message, split into parts, and how many of them Brevo has accepted.
     opening_parts: tuple[str, ...] = ()
     opening_posted: int = 0
+    # Agent messages received but not yet in the event log (the reorder window), in
+    # arrival order.
+    held: tuple[HeldMessage, ...] = ()
 
     @property
     def is_open(self) -> bool:
         return self.state is not HandoffState.ENDED
+
+    @property
+    def next_release_ms(self) -> int | None:
+        """When the earliest held message is due in the log; None when none is held."""
+        return min((m.release_at_ms for m in self.held), default=None)
 
     @property
     def opening_complete(self) -> bool:
@@ -123,6 +131,21 @@ class HandoffEnded:
 
 
 EventPayload: TypeAlias = AgentMessage | AgentJoined | NoAgentAvailable | HandoffEnded
+
+
+@dataclass(frozen=True, slots=True)
+class HeldMessage:
+    """An agent's message that is stored but not yet in the event log.
+
+    Brevo may deliver its webhooks out of order. With a reorder window, a message waits
+    until ``release_at_ms`` (its arrival plus the window), so that one created earlier but
+    delivered later can still go before it in the log.
+    """
+
+    message: AgentMessage
+    created_at_ms: int  # Brevo's createdAt, or the arrival when Brevo gave none
+    arrived_at_ms: int
+    release_at_ms: int
 
 
 @dataclass(frozen=True, slots=True)

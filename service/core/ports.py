@@ -88,6 +88,11 @@ class HandoffStore(Protocol):
         """Handoffs still waiting for an agent that were created before the given time."""
         ...
 
+    async def held_due(self, release_before_ms: int) -> list[Handoff]:
+        """Handoffs holding agent messages (the reorder window) due at or before the given
+        time, soonest first."""
+        ...
+
     async def ping(self) -> None:
         """Raises StoreUnavailable when the backend cannot serve."""
         ...

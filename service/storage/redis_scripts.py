@@ -36,11 +36,12 @@ return 0
 
 # KEYS: 1 handoff hash, 2 conversation key, 3 visitor key, 4 Brevo conversation key,
 #       5 pending zset, 6 seen set, 7 sent set, 8 client hash, 9 handoff stream,
-#       10 all-events stream, 11 sequence counter
+#       10 all-events stream, 11 sequence counter, 12 held zset
 # ARGV: 1 expected version, 2 new version, 3 record JSON, 4 state, 5 handoff id,
 #       6 created_at_ms, 7 Brevo conversation id ('' = none), 8 commit token,
 #       9 retention ms, 10 handoff stream MAXLEN, 11 all-events MAXLEN, 12 conversation id,
-#       13 number of events, then (occurred_at_ms, received_at_ms, payload JSON) per event,
+#       13 when its next held message is due ('' = none held),
+#       14 number of events, then (occurred_at_ms, received_at_ms, payload JSON) per event,
 #       then the number of seen ids and the ids, the number of sent ids and the ids,
 #       then client_message_id and brevo_message_id ('' '' = none).
 # Each entry has fields h (handoff id), c (conversation id), t (occurred_at_ms),
@@ -64,8 +65,8 @@ local id = ARGV[5]
 local ttl = ARGV[9]
 local seqs = {}
 local previous = redis.call('HGET', KEYS[1], 'last') or '0'
-local i = 14
-for _ = 1, tonumber(ARGV[13]) do
+local i = 15
+for _ = 1, tonumber(ARGV[14]) do
   local seq = string.format('%d', redis.call('INCR', KEYS[11]))
   local entry = '0-' .. seq
   redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[10], entry,
@@ -106,6 +107,11 @@ if ARGV[4] == 'PENDING_AGENT' then
   redis.call('ZADD', KEYS[5], ARGV[6], id)
 else
   redis.call('ZREM', KEYS[5], id)
+end
+if ARGV[13] ~= '' then
+  redis.call('ZADD', KEYS[12], ARGV[13], id)
+else
+  redis.call('ZREM', KEYS[12], id)
 end
 if ARGV[7] ~= '' then
   local newest = redis.call('GET', KEYS[4])

@@ -11,6 +11,8 @@ every key on one slot, which the Lua scripts in ``redis_scripts`` need):
     p:visitor:<visitor>    the handoff of a Brevo visitor id
     p:bconv:<chat>         "<created_at_ms>:<handoff>", the newest handoff in a Brevo chat
     p:pending              sorted set of handoffs waiting for an agent, by created_at_ms
+    p:held                 sorted set of handoffs holding agent messages (the reorder
+                           window), by when the next one is due
     p:seen:<handoff>       Brevo message ids already handled
     p:sent:<handoff>       Brevo message ids the service posted itself (echo suppression)
     p:client:<handoff>     client_message_id -> Brevo message id
@@ -101,6 +103,7 @@ class RedisStore:
         self._seq_key = f"{p}:seq"
         self._events_key = f"{p}:events"
         self._pending_key = f"{p}:pending"
+        self._held_key = f"{p}:held"
         # Few, quick retries: a caller must learn soon that Redis is gone. Commits are safe
         # to resend (each carries a token the COMMIT script recognises).
         self._redis = aioredis.Redis.from_url(
@@ -267,11 +270,20 @@ class RedisStore:
         return await self.get_handoff(str(newest).split(":", 1)[1])
 
     async def pending_before(self, created_before_ms: int) -> list[Handoff]:
+        found = await self._indexed(self._pending_key, f"({created_before_ms}", "pending")
+        return [h for h in found if h.state is HandoffState.PENDING_AGENT]
+
+    async def held_due(self, release_before_ms: int) -> list[Handoff]:
+        found = await self._indexed(self._held_key, str(release_before_ms), "held")
+        return [h for h in found if h.held]
+
+    async def _indexed(self, index: str, max_score: str, what: str) -> list[Handoff]:
+        """The handoffs a sorted-set index lists up to ``max_score``, in score order;
+        members whose record expired are pruned from the index."""
         ids = [
             str(i)
             for i in await self._call(
-                "list pending handoffs",
-                self._redis.zrangebyscore(self._pending_key, "-inf", f"({created_before_ms}"),
+                f"list {what} handoffs", self._redis.zrangebyscore(index, "-inf", max_score)
             )
         ]
         if not ids:
@@ -285,13 +297,11 @@ class RedisStore:
         for handoff_id, record in zip(ids, records, strict=True):
             if record is None:
                 gone.append(handoff_id)  # expired: forget it
-                continue
-            handoff = handoff_from_json(record)
-            if handoff.state is HandoffState.PENDING_AGENT:
-                found.append(handoff)
+            else:
+                found.append(handoff_from_json(record))
         if gone:
-            await self._call("prune pending handoffs", self._redis.zrem(self._pending_key, *gone))
-        return sorted(found, key=lambda h: h.created_at_ms)
+            await self._call(f"prune {what} handoffs", self._redis.zrem(index, *gone))
+        return found
 
     # --- the one write path ---------------------------------------------------------------
 
@@ -311,6 +321,7 @@ class RedisStore:
             self._settings.stream_maxlen,
             self._settings.all_stream_maxlen,
             h.conversation_id,
+            "" if h.next_release_ms is None else h.next_release_ms,
             len(commit.events),
         ]
         for event in commit.events:
@@ -333,6 +344,7 @@ class RedisStore:
                     self._k("ev", h.id),
                     self._events_key,
                     self._seq_key,
+                    self._held_key,
                 ],
                 args=args,
             ),

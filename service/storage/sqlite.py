@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS handoffs (
     state TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL,
     version INTEGER NOT NULL,
-    record TEXT NOT NULL
+    record TEXT NOT NULL,
+    release_at_ms INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS handoffs_open_conversation
     ON handoffs (conversation_id) WHERE state != 'ENDED';
@@ -117,6 +118,13 @@ class SqliteStore:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
         if "received_at_ms" not in columns:  # a file made before the column existed
             conn.execute("ALTER TABLE events ADD COLUMN received_at_ms INTEGER NOT NULL DEFAULT 0")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(handoffs)")}
+        if "release_at_ms" not in columns:  # a file made before the reorder window
+            conn.execute("ALTER TABLE handoffs ADD COLUMN release_at_ms INTEGER")
+        conn.execute(
+            "CREATE INDEX IF NOT EXISTS handoffs_held ON handoffs (release_at_ms)"
+            " WHERE release_at_ms IS NOT NULL"
+        )
         self._conn = conn
 
     def set_listener(self, listener: EventListener, on_interrupt: InterruptListener) -> None:
@@ -211,6 +219,16 @@ class SqliteStore:
 
         return await self._run(pending)
 
+    async def held_due(self, release_before_ms: int) -> list[Handoff]:
+        def due() -> list[Handoff]:
+            rows = self._db().execute(
+                "SELECT record FROM handoffs WHERE release_at_ms <= ? ORDER BY release_at_ms",
+                (release_before_ms,),
+            )
+            return [handoff_from_json(r[0]) for r in rows]
+
+        return await self._run(due)
+
     # --- the one write path ---------------------------------------------------------------
 
     async def commit(self, commit: Commit) -> list[StoredEvent]:
@@ -221,7 +239,7 @@ class SqliteStore:
             try:
                 updated = db.execute(
                     "UPDATE handoffs SET state = ?, brevo_conversation_id = ?, version = ?,"
-                    " record = ? WHERE id = ? AND version = ?",
+                    " record = ?, release_at_ms = ? WHERE id = ? AND version = ?",
                     (
                         h.state.value,
                         h.brevo_conversation_id,
@@ -229,6 +247,7 @@ class SqliteStore:
                         handoff_to_json(
                             dataclasses.replace(h, version=commit.expected_version + 1)
                         ),
+                        h.next_release_ms,
                         h.id,
                         commit.expected_version,
                     ),

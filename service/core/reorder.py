@@ -1,0 +1,67 @@
+"""The reorder window: agent messages wait a moment before they enter the event log.
+
+Brevo may deliver two webhooks out of order, and a stream must not show a reply before the
+one the agent wrote first. Each accepted agent message is held (stored with the handoff,
+so a restart keeps it) until its arrival plus the window; then it goes to the log together
+with every held message created no later than it, in ``createdAt`` order. A message
+delivered later than the window after a newer one cannot go before it any more: it goes
+next, still exactly once.
+
+A window of 0 holds nothing: a delivery's messages go to the log at once, in ``createdAt``
+order within the delivery.
+
+Pure: no I/O, no clock; the caller says what time it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from service.core.models import (
+    AgentJoined,
+    Handoff,
+    HandoffState,
+    NewEvent,
+)
+
+
+def release_held(
+    handoff: Handoff, now_ms: int, *, flush: bool = False
+) -> tuple[Handoff, tuple[NewEvent, ...]]:
+    """The handoff with its due held messages moved to events, and those events.
+
+    Due: every held message whose release time has come, and every one created no later
+    than the newest of those (it must go first). ``flush`` releases all of them (the
+    handoff is ending). An agent's first message is preceded by ``AgentJoined``.
+    """
+    if not handoff.held:
+        return handoff, ()
+    # Stable: messages created at the same time keep their arrival order.
+    ordered = sorted(handoff.held, key=lambda m: m.created_at_ms)
+    if flush:
+        cut = len(ordered)
+    else:
+        due = [m.created_at_ms for m in ordered if m.release_at_ms <= now_ms]
+        if not due:
+            return handoff, ()
+        newest_due = max(due)
+        cut = sum(1 for m in ordered if m.created_at_ms <= newest_due)
+    released, kept = ordered[:cut], ordered[cut:]
+    agents = list(handoff.agents)
+    events: list[NewEvent] = []
+    # ``released`` is never empty here: ``flush`` with something held, or a due message.
+    for held in released:
+        agent = held.message.agent
+        if all(known.id != agent.id for known in agents):
+            agents.append(agent)
+            events.append(NewEvent(held.created_at_ms, AgentJoined(agent), held.arrived_at_ms))
+        events.append(NewEvent(held.created_at_ms, held.message, held.arrived_at_ms))
+    changed = dataclasses.replace(
+        handoff,
+        held=tuple(kept),
+        agents=tuple(agents),
+        state=HandoffState.ACTIVE,
+        no_agent_available=False,
+        updated_at_ms=now_ms if handoff.state is not HandoffState.ACTIVE else handoff.updated_at_ms,
+    )
+    return changed, tuple(events)
