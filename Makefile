@@ -6,7 +6,7 @@ DEPS   := $(VENV)/.deps-installed
 STUBS  := service/rpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run demo test lint typecheck unit proto stubs stub-tools redis clean
+.PHONY: run demo test lint typecheck unit proto stubs stub-tools redis bench clean
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ stub-tools:
 ## redis: install redis-server when missing and start one on 127.0.0.1:6379 when stopped
 redis:
 	scripts/ensure-redis.sh
+
+## bench: the benchmark suite, beside its bare-transport baselines; writes docs/bench/
+bench: $(STUBS) redis
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 ## test: lint, type-check and run every test
 test: lint typecheck unit

@@ -1,0 +1,188 @@
+"""``python -m bench [--quick] [--out DIR]``: the benchmark suite (``make bench``).
+
+Starts the service exactly as deployed (``python -m service``), a stand-in Brevo and the
+bare-transport baselines, each a process of its own, and drives them from this process and
+from stream-client processes over loopback. Writes ``results.json``, ``results.md`` and
+``latency.png`` to DIR (default ``docs/bench``). ``--quick`` is the smoke run of
+``make test``: the same code on small sizes; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.processes import REPO, Proc, RedisProc, ServiceProc, start_json_server, start_service
+from bench.scenarios import (
+    FULL,
+    QUICK,
+    Sizes,
+    bare_target,
+    direct_posts,
+    idle_streams,
+    ingest,
+    ingest_figures,
+    open_handoffs,
+    send_messages,
+    service_target,
+    webhook_to_stream,
+)
+from bench.servers import SERVICE_AGENT, STANDIN_API_KEY
+
+
+def say(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "sizes": asdict(sizes),
+    }
+    procs: list[Proc] = []
+    redis: RedisProc | None = None
+    try:
+        standin, standin_ports = await start_json_server("standin", log_dir)
+        procs.append(standin)
+        bare, bare_ports = await start_json_server("bare", log_dir)
+        procs.append(bare)
+        standin_port = int(standin_ports["http_port"])
+
+        async def service(name: str, **env: str) -> ServiceProc:
+            proc = await start_service(
+                name, standin_port, STANDIN_API_KEY, SERVICE_AGENT["id"], log_dir, **env
+            )
+            procs.append(proc)
+            return proc
+
+        svc = await service("service-sqlite")
+
+        say("1. webhook -> stream, service (SQLite) and bare grpc.aio")
+        w2s = []
+        for count in sizes.stream_counts:
+            ids, visitors = await open_handoffs(svc, count, f"w2s{count}")
+            ours = await webhook_to_stream(
+                service_target(svc, ids, visitors, f"service-{count}"), sizes, log_dir
+            )
+            base = await webhook_to_stream(bare_target(bare, bare_ports, count), sizes, log_dir)
+            w2s.append({"streams": count, "service": ours, "bare": base})
+            say(
+                f"   {count} streams: service p50 {ours['p50_ms']} ms p99 {ours['p99_ms']} ms "
+                f"{ours['events_per_s']}/s; bare p50 {base['p50_ms']} ms {base['events_per_s']}/s"
+            )
+        results["webhook_to_stream"] = w2s
+
+        say("2. webhook ingest, service (SQLite) and a bare Starlette route")
+        ids, visitors = await open_handoffs(svc, 50, "ingest")
+        ours_ingest = ingest_figures(
+            await ingest(svc.http_port, lambda n: svc.webhook_path, visitors, sizes)
+        )
+        base_ingest = ingest_figures(
+            await ingest(int(bare_ports["http_port"]), lambda n: "/ok", visitors, sizes)
+        )
+        results["ingest"] = {"service": ours_ingest, "bare": base_ingest}
+        say(f"   service {ours_ingest['per_s']}/s; bare {base_ingest['per_s']}/s")
+
+        say("3. SendMessage -> Brevo stand-in, and httpx posting the same body directly")
+        send_ids, send_visitors = await open_handoffs(svc, sizes.send_concurrency, "send")
+        ours_send = await send_messages(svc, send_ids, sizes)
+        base_send = await direct_posts(standin_port, send_visitors[0], sizes)
+        results["send_message"] = {"service": ours_send, "direct": base_send}
+        say(f"   SendMessage p50 {ours_send['p50_ms']} ms; direct p50 {base_send['p50_ms']} ms")
+
+        say("4. idle streams: resident memory per stream")
+        idle_ids, idle_visitors = await open_handoffs(svc, 10, "idle")
+        warm_up = service_target(svc, idle_ids, idle_visitors, "idle").warm_up
+        assert warm_up is not None
+        await warm_up()  # every idle stream replays one message: its first item
+        idle = []
+        for count in sizes.idle_counts:
+            ours_idle = await idle_streams(svc, svc.grpc_target, idle_ids, count, log_dir)
+            base_idle = await idle_streams(
+                bare,
+                f"127.0.0.1:{bare_ports['grpc_port']}",
+                [f"idle-{n}" for n in range(10)],
+                count,
+                log_dir,
+            )
+            idle.append({"streams": count, "service": ours_idle, "bare": base_idle})
+            say(
+                f"   {count}: service {ours_idle['kib_per_stream']} KiB/stream; "
+                f"bare {base_idle['kib_per_stream']} KiB/stream"
+            )
+        results["idle_streams"] = idle
+
+        say("5. Redis: one replica, then webhooks on replica A and streams on replica B")
+        redis = RedisProc(log_dir / "redis")
+        await redis.start()
+        one = await service("service-redis-a", REDIS_URL=redis.url)
+        ids, visitors = await open_handoffs(one, sizes.redis_streams, "redis")
+        redis_w2s = await webhook_to_stream(
+            service_target(one, ids, visitors, "redis-1"), sizes, log_dir
+        )
+        ids, visitors = await open_handoffs(one, 50, "redis-ingest")
+        redis_ingest = ingest_figures(
+            await ingest(one.http_port, lambda n: one.webhook_path, visitors, sizes)
+        )
+        two = await service("service-redis-b", REDIS_URL=redis.url)
+        ids, visitors = await open_handoffs(one, sizes.redis_streams, "redis-2")
+        cross = service_target(one, ids, visitors, "redis-2")
+        cross.grpc_target = two.grpc_target  # streams on B, webhooks on A
+        redis_cross = await webhook_to_stream(cross, sizes, log_dir)
+        sqlite_same = next((r["service"] for r in w2s if r["streams"] == sizes.redis_streams), None)
+        results["redis"] = {
+            "streams": sizes.redis_streams,
+            "one_replica": redis_w2s,
+            "two_replicas": redis_cross,
+            "ingest": redis_ingest,
+            "sqlite_same_streams": sqlite_same,
+        }
+        say(
+            f"   one replica {redis_w2s['events_per_s']}/s p99 {redis_w2s['p99_ms']} ms; "
+            f"two replicas p99 {redis_cross['p99_ms']} ms; ingest {redis_ingest['per_s']}/s"
+        )
+    finally:
+        for proc in reversed(procs):
+            await proc.stop()
+        if redis is not None:
+            await redis.stop()
+    return results
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--out", default=str(REPO / "docs" / "bench"), help="where results go")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    log_dir = REPO / "build" / ("bench-quick" if args.quick else "bench") / "logs"
+    sizes = QUICK if args.quick else FULL
+    shutil.rmtree(log_dir, ignore_errors=True)  # this run's logs only
+    started = time.monotonic()
+    results = asyncio.run(run(sizes, log_dir))
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    results["quick"] = args.quick
+    checks = report.write(results, out)
+    say(f"wrote {out}/results.json, results.md and latency.png in {results['duration_s']} s")
+    for check in checks:
+        say(f"   {'met   ' if check['met'] else 'MISSED'} {check['what']}: {check['figure']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

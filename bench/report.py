@@ -1,0 +1,242 @@
+"""The benchmark's outputs: ``results.json`` (every figure), ``results.md`` (the table the
+README links, each figure beside its baseline, the ratio and the target) and
+``latency.png`` (webhook-to-stream latency curves)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def ratio(ours: float, base: float) -> float:
+    return round(ours / base, 3) if base and not math.isnan(base) else float("nan")
+
+
+def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the benchmark issue, with the figure it is judged on."""
+    found: list[dict[str, Any]] = []
+
+    def check(what: str, figure: str, met: bool) -> None:
+        found.append({"what": what, "figure": figure, "met": bool(met)})
+
+    top = max(r["webhook_to_stream"], key=lambda row: row["streams"])
+    ours, base = top["service"], top["bare"]
+    n = top["streams"]
+    check(
+        f"webhook -> stream p50 <= 5 ms at {n} streams", f"{ours['p50_ms']} ms", ours["p50_ms"] <= 5
+    )
+    check(
+        f"webhook -> stream p99 <= 25 ms at {n} streams",
+        f"{ours['p99_ms']} ms",
+        ours["p99_ms"] <= 25,
+    )
+    check(
+        f"sustained >= 2,000 events/s at {n} streams",
+        f"{ours['events_per_s']} events/s",
+        ours["events_per_s"] >= 2000,
+    )
+    rate_ratio = ratio(ours["events_per_s"], base["events_per_s"])
+    check(
+        f"webhook -> stream rate >= 50% of bare grpc.aio at {n} streams",
+        f"{rate_ratio:.0%} ({ours['events_per_s']} vs {base['events_per_s']} events/s)",
+        rate_ratio >= 0.5,
+    )
+    ingest = r["ingest"]
+    ingest_ratio = ratio(ingest["service"]["per_s"], ingest["bare"]["per_s"])
+    check(
+        "ingest >= 50% of a bare Starlette route",
+        f"{ingest_ratio:.0%} ({ingest['service']['per_s']} vs {ingest['bare']['per_s']}/s)",
+        ingest_ratio >= 0.5,
+    )
+    send = r["send_message"]
+    added = round(send["service"]["p50_ms"] - send["direct"]["p50_ms"], 3)
+    check("SendMessage adds <= 1 ms p50 over a direct httpx post", f"+{added} ms", added <= 1)
+    for row in r["idle_streams"]:
+        kib = row["service"]["kib_per_stream"]
+        check(f"<= 20 KiB per idle stream at {row['streams']}", f"{kib} KiB", kib <= 20)
+    biggest = max(r["idle_streams"], key=lambda row: row["streams"])
+    check(
+        "10,000 idle streams on one process",
+        f"{biggest['service']['streams']} streams open",
+        biggest["service"]["streams"] >= 10_000,
+    )
+    redis = r["redis"]
+    if redis["sqlite_same_streams"] is not None:
+        rr = ratio(
+            redis["one_replica"]["events_per_s"], redis["sqlite_same_streams"]["events_per_s"]
+        )
+        check(
+            f"Redis webhook -> stream rate >= 50% of SQLite's at {redis['streams']} streams",
+            f"{rr:.0%} ({redis['one_replica']['events_per_s']} vs "
+            f"{redis['sqlite_same_streams']['events_per_s']} events/s)",
+            rr >= 0.5,
+        )
+    ir = ratio(redis["ingest"]["per_s"], ingest["service"]["per_s"])
+    check(
+        "Redis ingest >= 50% of SQLite's",
+        f"{ir:.0%} ({redis['ingest']['per_s']} vs {ingest['service']['per_s']}/s)",
+        ir >= 0.5,
+    )
+    cross = redis["two_replicas"]["p99_ms"]
+    check("cross-replica webhook -> stream p99 <= 30 ms", f"{cross} ms", cross <= 30)
+    return found
+
+
+def markdown(r: dict[str, Any], found: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"`make bench` on {r['started']}: {r['machine']['cpus']} CPUs, Python "
+        f"{r['machine']['python']}, {r['duration_s']} s"
+        + (" (**--quick smoke run: these figures mean nothing**)" if r.get("quick") else "")
+        + ". Every process (the service, its baseline, the stand-in Brevo, the stream clients "
+        "and the load driver) shares the same machine; each ratio compares runs made minutes "
+        "apart on it, with the same driver and clients.",
+        "",
+        "## Targets",
+        "",
+        "| target | figure | |",
+        "|---|---|---|",
+        *(
+            f"| {c['what']} | {c['figure']} | {'met' if c['met'] else '**missed**'} |"
+            for c in found
+        ),
+        "",
+        "## 1. Webhook to stream",
+        "",
+        "A fragment posted to the gateway until its `AgentMessage` is read from a "
+        "`StreamAgentReplies` stream, each stream following a handoff of its own, webhooks "
+        "round-robin over them. Baseline: a bare `grpc.aio` server streaming a pre-built "
+        "message per `POST` to a bare Starlette route (same uvicorn set-up, same clients). "
+        "Latency at a steady offered rate; the rate with "
+        f"{r['sizes']['rate_connections']} connections posting as fast as answers come.",
+        "",
+        "| streams | | p50 ms | p99 ms | events/s | server CPU µs/event | server RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["webhook_to_stream"]:
+        for name in ("service", "bare"):
+            f = row[name]
+            lines.append(
+                f"| {row['streams']} | {name} | {f['p50_ms']} | {f['p99_ms']} | "
+                f"{f['events_per_s']} | {f['server_cpu_us_per_event']} | {f['server_rss_mib']} |"
+            )
+        lines.append(
+            f"| {row['streams']} | ratio | | | "
+            f"{ratio(row['service']['events_per_s'], row['bare']['events_per_s']):.0%} | | |"
+        )
+    ingest = r["ingest"]
+    send = r["send_message"]
+    lines += [
+        "",
+        "## 2. Webhook ingest",
+        "",
+        "Fragments acknowledged per second (stored: the answer comes after the commit), no "
+        "stream open; baseline: a Starlette route that reads the body and answers 200.",
+        "",
+        "| | per s | p50 ms | p99 ms |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {ingest[name]['per_s']} | {ingest[name]['p50_ms']} | "
+            f"{ingest[name]['p99_ms']} |"
+            for name in ("service", "bare")
+        ),
+        f"| ratio | {ratio(ingest['service']['per_s'], ingest['bare']['per_s']):.0%} | | |",
+        "",
+        "## 3. SendMessage to Brevo",
+        "",
+        "Against the stand-in Brevo answering at once; baseline: httpx posting the same body "
+        "to it directly. p50/p99 one call at a time; calls/s with "
+        f"{r['sizes']['send_concurrency']} callers.",
+        "",
+        "| | p50 ms | p99 ms | calls/s |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {send[name]['p50_ms']} | {send[name]['p99_ms']} | "
+            f"{send[name]['calls_per_s']} |"
+            for name in ("service", "direct")
+        ),
+        "",
+        "## 4. Idle streams",
+        "",
+        "Resident memory of the server process with the streams open, over none.",
+        "",
+        "| streams | | KiB per stream | RSS before MiB | with streams MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for row in r["idle_streams"]:
+        for name in ("service", "bare"):
+            f = row[name]
+            lines.append(
+                f"| {f['streams']} | {name} | {f['kib_per_stream']} | {f['rss_before_mib']} | "
+                f"{f['rss_with_streams_mib']} |"
+            )
+    redis = r["redis"]
+    lines += [
+        "",
+        "## 5. Redis",
+        "",
+        f"{redis['streams']} streams. Two replicas: webhooks to replica A, streams on "
+        "replica B, one Redis (append-only file, fsync every second).",
+        "",
+        "| | p50 ms | p99 ms | events/s |",
+        "|---|---|---|---|",
+    ]
+    rows = [
+        ("Redis, one replica", redis["one_replica"]),
+        ("Redis, two replicas", redis["two_replicas"]),
+    ]
+    if redis["sqlite_same_streams"] is not None:
+        rows.insert(0, ("SQLite", redis["sqlite_same_streams"]))
+    for name, f in rows:
+        lines.append(f"| {name} | {f['p50_ms']} | {f['p99_ms']} | {f['events_per_s']} |")
+    lines += [
+        "",
+        f"Ingest on Redis: {redis['ingest']['per_s']}/s (SQLite: {ingest['service']['per_s']}/s).",
+        "",
+        "![webhook to stream latency](latency.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for row in r["webhook_to_stream"]:
+        for name, style in (("service", "-"), ("bare", ":")):
+            cdf = row[name]["latency_cdf_ms"]
+            if cdf:
+                quantiles = [i / (len(cdf) - 1) for i in range(len(cdf))]
+                ax.plot(cdf, quantiles, style, label=f"{name}, {row['streams']} streams")
+    for name in ("one_replica", "two_replicas"):
+        cdf = r["redis"][name]["latency_cdf_ms"]
+        if cdf:
+            quantiles = [i / (len(cdf) - 1) for i in range(len(cdf))]
+            label = f"Redis {name.replace('_', ' ')}, {r['redis']['streams']} streams"
+            ax.plot(cdf, quantiles, "--", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("webhook posted -> AgentMessage read (ms, log scale)")
+    ax.set_ylabel("fraction of messages")
+    ax.set_title("Webhook to stream latency (CDF)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(r: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    found = checks(r)
+    r["targets"] = found
+    (out / "results.json").write_text(json.dumps(r, indent=1, sort_keys=True) + "\n")
+    (out / "results.md").write_text(markdown(r, found))
+    plot(r, out / "latency.png")
+    return found

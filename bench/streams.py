@@ -1,0 +1,145 @@
+"""The benchmark's stream clients: many ``StreamAgentReplies`` streams in one process of
+their own, so that neither their CPU nor their memory counts as the server's.
+
+``python -m bench.streams <grpc target>``, then one JSON command per line on standard input,
+each answered by one JSON line on standard output:
+
+- ``{"cmd": "open", "handoffs": [...], "per_handoff": n, "channels": c}``: opens the streams
+  and answers once every stream has received its first item (the caller makes the server
+  send one);
+- ``{"cmd": "reset"}``: forgets what was received so far; ``{"cmd": "count"}``: how many
+  agent messages arrived since;
+- ``{"cmd": "report"}``: how many agent messages arrived and the latency of each: a message's
+  text starts ``bench:<time.monotonic_ns() when it was posted>``; CLOCK_MONOTONIC is one
+  clock for every process of the machine;
+- ``{"cmd": "close"}``: cancels every stream and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
+from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
+
+MARK = "bench:"
+
+
+@dataclass
+class Received:
+    latencies_ns: list[int] = field(default_factory=list)
+    arrivals_ns: list[int] = field(default_factory=list)
+    other_items: int = 0
+
+
+class Streams:
+    def __init__(self, target: str) -> None:
+        self._target = target
+        self._channels: list[grpc.aio.Channel] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._first: list[asyncio.Event] = []
+        self.received = Received()
+        self.errors: list[str] = []
+
+    async def open(self, handoffs: list[str], per_handoff: int, channels: int) -> int:
+        # A local subchannel pool each: one TCP connection per channel, as separate clients.
+        self._channels = [
+            grpc.aio.insecure_channel(self._target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(channels)
+        ]
+        stubs = [pb_grpc.HandoffServiceStub(c) for c in self._channels]
+        n = 0
+        for handoff_id in handoffs:
+            for _ in range(per_handoff):
+                first = asyncio.Event()
+                self._first.append(first)
+                stub = stubs[n % len(stubs)]
+                self._tasks.append(asyncio.create_task(self._read(stub, handoff_id, first)))
+                n += 1
+        await asyncio.gather(*(f.wait() for f in self._first))
+        return n
+
+    async def _read(
+        self, stub: pb_grpc.HandoffServiceAsyncStub, handoff_id: str, first: asyncio.Event
+    ) -> None:
+        call = stub.StreamAgentReplies(pb.StreamAgentRepliesRequest(handoff_id=handoff_id))
+        try:
+            async for item in call:
+                first.set()
+                if item.WhichOneof("item") == "event" and item.event.HasField("agent_message"):
+                    text = item.event.agent_message.text
+                    if text.startswith(MARK):
+                        now = time.monotonic_ns()
+                        received = self.received  # not kept across items: reset replaces it
+                        received.latencies_ns.append(now - int(text[len(MARK) :].split(" ", 1)[0]))
+                        received.arrivals_ns.append(now)
+                        continue
+                self.received.other_items += 1
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.CANCELLED:
+                self.errors.append(f"{exc.code().name}: {exc.details()}")
+        finally:
+            first.set()
+
+    def reset(self) -> None:
+        self.received = Received()
+
+    def report(self) -> dict[str, object]:
+        r = self.received
+        return {
+            "messages": len(r.latencies_ns),
+            "latencies_ns": r.latencies_ns,
+            "arrivals_ns": r.arrivals_ns,
+            "other_items": r.other_items,
+            "errors": self.errors[:10],
+            "error_count": len(self.errors),
+        }
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for channel in self._channels:
+            await channel.close()
+
+
+async def main(target: str) -> None:
+    streams = Streams(target)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def answer(value: dict[str, object]) -> None:
+        sys.stdout.write(json.dumps(value) + "\n")
+        sys.stdout.flush()
+
+    while line := await reader.readline():
+        command = json.loads(line)
+        match command["cmd"]:
+            case "open":
+                opened = await streams.open(
+                    command["handoffs"], command["per_handoff"], command["channels"]
+                )
+                answer({"opened": opened, "errors": streams.errors[:10]})
+            case "count":
+                answer({"messages": len(streams.received.latencies_ns)})
+            case "reset":
+                streams.reset()
+                answer({"reset": True})
+            case "report":
+                answer(streams.report())
+            case "close":
+                await streams.close()
+                answer({"closed": True})
+                return
+    await streams.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))

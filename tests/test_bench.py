@@ -1,0 +1,74 @@
+"""The benchmark's smoke run: ``python -m bench --quick`` end to end, as ``make bench`` runs
+it but on small sizes. Its figures mean nothing; what is checked is that every scenario ran
+against real processes, lost nothing, and wrote its three outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from log_audit import audit_output
+
+from bench.processes import WEBHOOK_TOKEN
+from bench.servers import STANDIN_API_KEY
+
+REPO = Path(__file__).resolve().parents[1]
+# The bench's secrets, named here so that the log audit looks for them in its logs.
+BENCH_WEBHOOK_TOKEN = WEBHOOK_TOKEN
+BENCH_API_KEY = STANDIN_API_KEY
+
+
+@pytest.mark.timeout(300)
+def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) -> None:
+    done = subprocess.run(  # noqa: S603 (fixed arguments)
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Every process the bench started logged to build/bench-quick/logs: into the log audit.
+    logs = sorted((REPO / "build" / "bench-quick" / "logs").glob("*.log"))
+    assert {p.stem for p in logs} >= {"standin", "bare", "service-sqlite", "service-redis-a"}
+    for log in logs:
+        audit_output(f"bench {log.stem}", log.read_text(errors="replace"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["quick"] is True
+
+    for row in results["webhook_to_stream"]:
+        for name in ("service", "bare"):
+            f = row[name]
+            # Every message posted reached its stream, every post was answered 200.
+            assert f["rate_statuses"] == {"200": f["rate_posted"]}, (row["streams"], name, f)
+            assert f["rate_delivered"] == f["rate_posted"], (row["streams"], name, f)
+            assert f["latency_messages"] == f["latency_posted"], (row["streams"], name, f)
+            assert f["stream_errors"] == 0
+            assert 0 < f["p50_ms"] <= f["p99_ms"]
+    assert [r["streams"] for r in results["webhook_to_stream"]] == [1, 10]
+    for name in ("service", "bare"):
+        ingest = results["ingest"][name]
+        assert ingest["statuses"] == {"200": ingest["requests"]}, ingest
+    for name in ("service", "direct"):
+        send = results["send_message"][name]
+        assert send["sequential_calls"] == 30
+        assert send["concurrent_calls"] > 0
+    for row in results["idle_streams"]:
+        assert row["service"]["streams"] == row["bare"]["streams"] == 100
+    redis = results["redis"]
+    for name in ("one_replica", "two_replicas"):
+        assert redis[name]["rate_delivered"] == redis[name]["rate_posted"] > 0
+        assert redis[name]["stream_errors"] == 0
+    assert redis["ingest"]["statuses"] == {"200": redis["ingest"]["requests"]}
+
+    # Every target of the issue is judged, and the outputs exist.
+    whats = [t["what"] for t in results["targets"]]
+    assert len(whats) == 11, whats
+    table = (tmp_path / "results.md").read_text()
+    assert "--quick smoke run" in table
+    assert all(what in table for what in whats)
+    assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
