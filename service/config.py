@@ -155,7 +155,8 @@ SETTINGS: tuple[Setting, ...] = (
         "HANDOFF_SQLITE_SYNCHRONOUS",
         "--sqlite-synchronous",
         "NORMAL",
-        "SQLite synchronous mode: NORMAL survives a process crash; FULL also a power cut.",
+        "SQLite synchronous mode: NORMAL survives a process crash; FULL also a power cut, at "
+        "a disk flush per commit.",
     ),
     Setting(
         "REDIS_URL",

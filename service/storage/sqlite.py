@@ -1,8 +1,15 @@
 """The embedded store: one SQLite file in WAL mode.
 
-Every call runs on one dedicated thread with one connection, so writes are serialised and
-the event log's order is the commit order. Committed events are handed to the listener on
-the event loop in that same order.
+Writes are serialised on one connection, so the event log's order is the commit order, and
+committed events are handed to the listener on the event loop in that same order.
+
+Where that connection runs depends on the synchronous mode. With NORMAL (the default) a
+commit appends to the write-ahead log without waiting for the disk, and a statement takes
+tens of microseconds: the store runs them on the event loop itself, since a hop to a thread
+and back costs about 100 µs of CPU, several times the work. Reads that can be long (a
+stream's replay, the sweeps) go to a second, read-only connection on a thread of its own,
+so that they never hold the loop. With FULL or EXTRA every commit waits for the disk, and
+the writing connection runs on that thread too.
 """
 
 from __future__ import annotations
@@ -96,6 +103,9 @@ class SqliteStore:
             max_workers=1, thread_name_prefix="sqlite-store"
         )
         self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None  # used on the executor's thread only
+        # Statements on the event loop unless a commit may wait for the disk (see above).
+        self._inline = self._synchronous in ("OFF", "NORMAL") and path != ":memory:"
         self._listener: EventListener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -132,6 +142,22 @@ class SqliteStore:
         self._listener = listener
 
     async def _run(self, fn: Callable[[], T]) -> T:
+        """Runs ``fn`` (which uses the writing connection) where that connection lives."""
+        if self._inline:
+            if self._closed:
+                raise StoreUnavailable("the store is closed")
+            try:
+                return fn()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"the SQLite store failed: {exc}") from exc
+        return await self._on_thread(fn)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs a read that may be long on the thread, with the read-only connection (the
+        writing one when it lives on that thread anyway)."""
+        return await self._on_thread(lambda: fn(self._read_db()))
+
+    async def _on_thread(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, fn)
@@ -139,6 +165,18 @@ class SqliteStore:
             raise StoreUnavailable(f"the SQLite store failed: {exc}") from exc
         except RuntimeError as exc:  # executor shut down
             raise StoreUnavailable("the store is closed") from exc
+
+    def _read_db(self) -> sqlite3.Connection:
+        if not self._inline:
+            return self._db()
+        if self._closed:
+            raise sqlite3.ProgrammingError("store is not open")
+        if self._reader is None:
+            reader = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            reader.execute("PRAGMA busy_timeout=5000")
+            reader.execute("PRAGMA query_only=1")
+            self._reader = reader
+        return self._reader
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -209,25 +247,25 @@ class SqliteStore:
         )
 
     async def pending_before(self, created_before_ms: int) -> list[Handoff]:
-        def pending() -> list[Handoff]:
-            rows = self._db().execute(
+        def pending(db: sqlite3.Connection) -> list[Handoff]:
+            rows = db.execute(
                 "SELECT record FROM handoffs WHERE state = ? AND created_at_ms < ?"
                 " ORDER BY created_at_ms",
                 (HandoffState.PENDING_AGENT.value, created_before_ms),
             )
             return [handoff_from_json(r[0]) for r in rows]
 
-        return await self._run(pending)
+        return await self._read(pending)
 
     async def held_due(self, release_before_ms: int) -> list[Handoff]:
-        def due() -> list[Handoff]:
-            rows = self._db().execute(
+        def due(db: sqlite3.Connection) -> list[Handoff]:
+            rows = db.execute(
                 "SELECT record FROM handoffs WHERE release_at_ms <= ? ORDER BY release_at_ms",
                 (release_before_ms,),
             )
             return [handoff_from_json(r[0]) for r in rows]
 
-        return await self._run(due)
+        return await self._read(due)
 
     # --- the one write path ---------------------------------------------------------------
 
@@ -307,11 +345,15 @@ class SqliteStore:
 
     # --- message ids ----------------------------------------------------------------------
 
-    async def seen_message_ids(self, handoff_id: str, ids: Sequence[str]) -> set[str]:
-        return await self._run(lambda: self._known("seen_messages", handoff_id, ids))
-
-    async def sent_message_ids(self, handoff_id: str, ids: Sequence[str]) -> set[str]:
-        return await self._run(lambda: self._known("sent_messages", handoff_id, ids))
+    async def known_message_ids(
+        self, handoff_id: str, ids: Sequence[str]
+    ) -> tuple[set[str], set[str]]:
+        return await self._run(
+            lambda: (
+                self._known("seen_messages", handoff_id, ids),
+                self._known("sent_messages", handoff_id, ids),
+            )
+        )
 
     def _known(self, table: str, handoff_id: str, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
@@ -347,22 +389,16 @@ class SqliteStore:
     async def read_events(
         self, handoff_id: str | None, after_seq: int, limit: int
     ) -> list[StoredEvent]:
-        def read() -> list[StoredEvent]:
+        def read(db: sqlite3.Connection) -> list[StoredEvent]:
             if handoff_id is None:
-                rows = self._db().execute(
-                    _READ_ALL_EVENTS,
-                    (after_seq, limit),
-                )
+                rows = db.execute(_READ_ALL_EVENTS, (after_seq, limit))
             else:
-                rows = self._db().execute(
-                    _READ_HANDOFF_EVENTS,
-                    (handoff_id, after_seq, limit),
-                )
+                rows = db.execute(_READ_HANDOFF_EVENTS, (handoff_id, after_seq, limit))
             return [
                 StoredEvent(r[0], r[1], r[2], r[3], payload_from_json(r[4]), r[5]) for r in rows
             ]
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def last_seq(self) -> int:
         def last() -> int:
@@ -380,12 +416,22 @@ class SqliteStore:
             return
         self._closed = True
 
+        def close_reader() -> None:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
         def close() -> None:
+            close_reader()
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
 
         try:
-            await self._run(close)
+            if self._inline:
+                await self._on_thread(close_reader)
+                close()
+            else:
+                await self._on_thread(close)
         finally:
             self._executor.shutdown(wait=True)
