@@ -110,8 +110,11 @@ async def test_commit_is_atomic_and_versioned(opener: Opener) -> None:
             Commit(h, 0, events=(NewEvent(7, NoAgentAvailable()),), seen_message_ids=("m3",))
         )
     assert await store.read_events("ho_1", 0, 100) == stored
-    assert await store.seen_message_ids("ho_1", ["m1", "m2", "m3"]) == {"m1", "m2"}
-    assert await store.sent_message_ids("ho_1", ["s1", "m1"]) == {"s1"}
+    assert await store.known_message_ids("ho_1", ["m1", "m2", "m3", "s1"]) == (
+        {"m1", "m2"},
+        {"s1"},
+    )
+    assert await store.known_message_ids("ho_1", []) == (set(), set())
     assert await store.client_message("ho_1", "c1") == "s1"
     assert await store.client_message("ho_1", "c2") is None
     current = await store.get_handoff("ho_1")
@@ -185,7 +188,7 @@ async def test_everything_survives_reopening(opener: Opener) -> None:
     reopened = await opener()
     assert await reopened.get_handoff("ho_1") == dataclasses.replace(ended, version=1)
     assert await reopened.read_events("ho_1", 0, 10) == stored
-    assert await reopened.seen_message_ids("ho_1", ["x"]) == {"x"}
+    assert await reopened.known_message_ids("ho_1", ["x"]) == ({"x"}, set())
     assert await reopened.client_message("ho_1", "c") == "b"
     later, _ = await reopened.create_handoff(sample_handoff(2))
     new = await reopened.commit(Commit(later, 0, events=(NewEvent(1, NoAgentAvailable()),)))

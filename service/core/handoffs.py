@@ -455,12 +455,14 @@ class HandoffManager:
                 # The record read to route the webhook serves the first attempt; a retry
                 # after a concurrent update re-reads it.
                 current = handoff if attempt == 0 else await self._get(handoff.id)
-                ids = [m.id for m in event.messages]
+                seen, sent = await self._store.known_message_ids(
+                    current.id, [m.id for m in event.messages]
+                )
                 plan = plan_inbound(
                     current,
                     event,
-                    seen=await self._store.seen_message_ids(current.id, ids),
-                    sent=await self._store.sent_message_ids(current.id, ids),
+                    seen=seen,
+                    sent=sent,
                     identity=self.settings.identity,
                     now_ms=self._now(),
                     received_at_ms=received,

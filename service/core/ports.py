@@ -58,12 +58,11 @@ class HandoffStore(Protocol):
         """Applies the change atomically; raises ConcurrentUpdate on a version mismatch."""
         ...
 
-    async def seen_message_ids(self, handoff_id: str, ids: Sequence[str]) -> set[str]:
-        """Which of ``ids`` were already handled (emitted or dropped) for this handoff."""
-        ...
-
-    async def sent_message_ids(self, handoff_id: str, ids: Sequence[str]) -> set[str]:
-        """Which of ``ids`` are messages the service itself posted to Brevo."""
+    async def known_message_ids(
+        self, handoff_id: str, ids: Sequence[str]
+    ) -> tuple[set[str], set[str]]:
+        """Which of ``ids`` were already handled (emitted or dropped) for this handoff, and
+        which are messages the service itself posted to Brevo: one read, for a webhook."""
         ...
 
     async def client_message(self, handoff_id: str, client_message_id: str) -> str | None:

@@ -367,20 +367,26 @@ class RedisStore:
 
     # --- message ids ----------------------------------------------------------------------
 
-    async def seen_message_ids(self, handoff_id: str, ids: Sequence[str]) -> set[str]:
-        return await self._members("seen", handoff_id, ids)
-
-    async def sent_message_ids(self, handoff_id: str, ids: Sequence[str]) -> set[str]:
-        return await self._members("sent", handoff_id, ids)
-
-    async def _members(self, kind: str, handoff_id: str, ids: Sequence[str]) -> set[str]:
+    async def known_message_ids(
+        self, handoff_id: str, ids: Sequence[str]
+    ) -> tuple[set[str], set[str]]:
         unique = list(dict.fromkeys(ids))
         if not unique:
-            return set()
-        flags = await self._call(
-            "read message ids", self._redis.smismember(self._k(kind, handoff_id), unique)
+            return set(), set()
+
+        async def both() -> list[list[int]]:
+            # One round trip for the two sets.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.smismember(self._k("seen", handoff_id), unique)
+                pipe.smismember(self._k("sent", handoff_id), unique)
+                replies: list[list[int]] = await pipe.execute()
+            return replies
+
+        seen, sent = await self._call("read message ids", both())
+        return (
+            {m for m, known in zip(unique, seen, strict=True) if known},
+            {m for m, known in zip(unique, sent, strict=True) if known},
         )
-        return {m for m, known in zip(unique, flags, strict=True) if known}
 
     async def client_message(self, handoff_id: str, client_message_id: str) -> str | None:
         found = await self._call(
