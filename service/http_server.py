@@ -64,6 +64,7 @@ async def start_http_server(app: ASGIApp, host: str, port: int) -> RunningHttpSe
     logging.getLogger("uvicorn.access").disabled = True
     config = uvicorn.Config(
         app,
+        http="httptools",  # C parser: a third less CPU per webhook than h11 (make bench)
         access_log=False,
         log_config=None,
         lifespan="off",
