@@ -28,6 +28,7 @@ from bench.scenarios import (
     QUICK,
     Sizes,
     bare_target,
+    bare_unary,
     direct_posts,
     idle_streams,
     ingest,
@@ -102,8 +103,12 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         send_ids, send_visitors = await open_handoffs(svc, sizes.send_concurrency, "send")
         ours_send = await send_messages(svc, send_ids, sizes)
         base_send = await direct_posts(standin_port, send_visitors[0], sizes)
-        results["send_message"] = {"service": ours_send, "direct": base_send}
-        say(f"   SendMessage p50 {ours_send['p50_ms']} ms; direct p50 {base_send['p50_ms']} ms")
+        hop = await bare_unary(f"127.0.0.1:{bare_ports['grpc_port']}", sizes)
+        results["send_message"] = {"service": ours_send, "direct": base_send, "grpc_hop": hop}
+        say(
+            f"   SendMessage p50 {ours_send['p50_ms']} ms; direct p50 {base_send['p50_ms']} ms; "
+            f"a bare gRPC unary call p50 {hop['p50_ms']} ms"
+        )
 
         say("4. idle streams: resident memory per stream")
         idle_ids, idle_visitors = await open_handoffs(svc, 10, "idle")

@@ -263,6 +263,7 @@ async def webhook_to_stream(target: Target, sizes: Sizes, log_dir: Path) -> dict
         "server_cpu_us_per_event": round(cpu / max(delivered, 1) * 1e6, 1),
         "server_rss_mib": round(rss / 2**20, 1),
         "stream_errors": rate_report["error_count"] + latency_report["error_count"],
+        "stream_resumes": rate_report["resumes"] + latency_report["resumes"],
     }
 
 
@@ -348,6 +349,24 @@ async def direct_posts(standin_port: int, visitor_id: str, sizes: Sizes) -> dict
         sequential = [await call() for _ in range(sizes.send_calls)]
         concurrent = await _concurrently([call] * sizes.send_concurrency, sizes.send_s)
     return _call_figures(sequential, concurrent, sizes.send_s)
+
+
+async def bare_unary(grpc_target: str, sizes: Sizes) -> dict[str, Any]:
+    """A unary call to the bare grpc.aio server, one at a time: what the gRPC hop between a
+    bot and the service costs by itself."""
+    async with grpc.aio.insecure_channel(grpc_target) as channel:
+        stub = pb_grpc.HandoffServiceStub(channel)
+        request = pb.GetHandoffRequest(handoff_id="bare")
+
+        async def call() -> int:
+            started = time.monotonic_ns()
+            await stub.GetHandoff(request)
+            return time.monotonic_ns() - started
+
+        for _ in range(10):
+            await call()
+        sequential = [await call() for _ in range(sizes.send_calls)]
+    return {"sequential_calls": len(sequential), **latency_figures(ms(sequential))}
 
 
 async def _concurrently(callers: list[Callable[[], Awaitable[int]]], seconds: float) -> list[int]:

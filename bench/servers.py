@@ -45,6 +45,17 @@ class BareStreams(pb_grpc.HandoffServiceServicer):
     def __init__(self) -> None:
         self._streams: dict[str, set[asyncio.Queue[pb.StreamAgentRepliesResponse]]] = {}
         self._seq = 0
+        self._handoff = pb.GetHandoffResponse(
+            handoff=pb.Handoff(id="bare", conversation_id="bare", visitor_id="bare")
+        )
+
+    async def GetHandoff(
+        self,
+        request: pb.GetHandoffRequest,
+        context: grpc.aio.ServicerContext[pb.GetHandoffRequest, pb.GetHandoffResponse],
+    ) -> pb.GetHandoffResponse:
+        """A pre-built answer: the cost of a gRPC unary round trip and nothing else."""
+        return self._handoff
 
     async def StreamAgentReplies(
         self,

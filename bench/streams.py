@@ -36,6 +36,7 @@ class Received:
     latencies_ns: list[int] = field(default_factory=list)
     arrivals_ns: list[int] = field(default_factory=list)
     other_items: int = 0
+    resumes: int = 0  # streams cut off for falling behind, resumed from their cursor
 
 
 class Streams:
@@ -68,22 +69,38 @@ class Streams:
     async def _read(
         self, stub: pb_grpc.HandoffServiceAsyncStub, handoff_id: str, first: asyncio.Event
     ) -> None:
-        call = stub.StreamAgentReplies(pb.StreamAgentRepliesRequest(handoff_id=handoff_id))
+        """Reads the stream; resumes from its last cursor when the server cut it off for
+        falling behind (RESOURCE_EXHAUSTED), as a bot backend does."""
+        cursor = ""
         try:
-            async for item in call:
-                first.set()
-                if item.WhichOneof("item") == "event" and item.event.HasField("agent_message"):
-                    text = item.event.agent_message.text
-                    if text.startswith(MARK):
-                        now = time.monotonic_ns()
-                        received = self.received  # not kept across items: reset replaces it
-                        received.latencies_ns.append(now - int(text[len(MARK) :].split(" ", 1)[0]))
-                        received.arrivals_ns.append(now)
+            while True:
+                call = stub.StreamAgentReplies(
+                    pb.StreamAgentRepliesRequest(handoff_id=handoff_id, after_cursor=cursor)
+                )
+                try:
+                    async for item in call:
+                        first.set()
+                        if item.WhichOneof("item") != "event":
+                            self.received.other_items += 1
+                            continue
+                        cursor = item.event.cursor
+                        text = item.event.agent_message.text
+                        if text.startswith(MARK):
+                            now = time.monotonic_ns()
+                            received = self.received  # not kept across items: reset replaces it
+                            sent = int(text[len(MARK) :].split(" ", 1)[0])
+                            received.latencies_ns.append(now - sent)
+                            received.arrivals_ns.append(now)
+                        else:
+                            self.received.other_items += 1
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and cursor:
+                        self.received.resumes += 1
                         continue
-                self.received.other_items += 1
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() is not grpc.StatusCode.CANCELLED:
-                self.errors.append(f"{exc.code().name}: {exc.details()}")
+                    if exc.code() is not grpc.StatusCode.CANCELLED:
+                        self.errors.append(f"{exc.code().name}: {exc.details()}")
+                    return
         finally:
             first.set()
 
@@ -97,6 +114,7 @@ class Streams:
             "latencies_ns": r.latencies_ns,
             "arrivals_ns": r.arrivals_ns,
             "other_items": r.other_items,
+            "resumes": r.resumes,
             "errors": self.errors[:10],
             "error_count": len(self.errors),
         }
