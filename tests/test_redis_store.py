@@ -161,6 +161,11 @@ async def test_a_handoffs_keys_expire_after_the_retention(
             client_message=("c", "b"),
         )
     )
+    # Routed once before it expires: the process now remembers hf_1's handoff id, and must
+    # still find nothing once the record is gone.
+    found = await store.find_by_visitor("hf_1")
+    assert found is not None
+    assert found.id == "ho_1"
     raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         keys = sorted(str(k) for k in await raw.keys(f"{settings.prefix}:*:ho_1"))

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TAIL_BATCH = 1000
+VISITOR_CACHE_SIZE = 100_000  # routes remembered per process (about 20 MiB at most)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,10 @@ class RedisStore:
         self._events_key = f"{p}:events"
         self._pending_key = f"{p}:pending"
         self._held_key = f"{p}:held"
+        # Visitor id -> handoff id never changes once created (the service makes a new
+        # visitor id for each handoff), so each process remembers the newest ones: a
+        # webhook's routing then costs one round trip instead of two.
+        self._handoff_of_visitor: OrderedDict[str, str] = OrderedDict()
         # Few, quick retries: a caller must learn soon that Redis is gone. Commits are safe
         # to resend (each carries a token the COMMIT script recognises).
         self._redis = aioredis.Redis.from_url(
@@ -259,7 +265,18 @@ class RedisStore:
         return found if found is not None and found.is_open else None
 
     async def find_by_visitor(self, visitor_id: str) -> Handoff | None:
-        return await self._by_pointer(self._k("visitor", visitor_id))
+        handoff_id = self._handoff_of_visitor.get(visitor_id)
+        if handoff_id is None:
+            found = await self._call(
+                "read an index", self._redis.get(self._k("visitor", visitor_id))
+            )
+            if not found:
+                return None
+            handoff_id = str(found)
+            self._handoff_of_visitor[visitor_id] = handoff_id
+            if len(self._handoff_of_visitor) > VISITOR_CACHE_SIZE:
+                self._handoff_of_visitor.popitem(last=False)
+        return await self.get_handoff(handoff_id)
 
     async def find_by_brevo_conversation(self, brevo_conversation_id: str) -> Handoff | None:
         newest = await self._call(
