@@ -115,6 +115,9 @@ class SqliteStore:
         store = cls(path, synchronous)
         store._loop = asyncio.get_running_loop()
         await store._run(store._connect)
+        # The reader opens now, and reads once so that SQLite opens the log file too: the
+        # process's open files then stay as they are from start-up on.
+        await store._read(lambda db: db.execute("SELECT COUNT(*) FROM handoffs").fetchone())
         return store
 
     def _connect(self) -> None:
