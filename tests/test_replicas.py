@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,91 +20,31 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from log_audit import audit_output
 from redis_server import RedisServer
-from support import MARTA, SERVICE_AGENT_ID, agent_fragment, all_summaries, free_port, until
+from service_process import ServiceProcess, finish, start_service_process
+from support import MARTA, SERVICE_AGENT_ID, agent_fragment, all_summaries, until
 
 from service.brevo.sandbox import BrevoSandbox, Fault
 from service.http_server import RunningHttpServer, start_http_server
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "xkeysib-replicas-0123456789-SecretKey"
 TOKEN = "tok_ReplicaWebhookSecret_0042"
 REDIS_PASSWORD = "redis-Pa55word-NeverLogged"
 SAM = ("SandboxAgentSam01", "Sam")
 
 
-@dataclass
-class Replica:
-    name: str
-    process: asyncio.subprocess.Process
-    grpc_port: int
-    http_port: int
-    lines: list[str] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
-    channel: grpc.aio.Channel | None = None
-
-    @property
-    def stub(self) -> pb_grpc.HandoffServiceAsyncStub:
-        assert self.channel is not None
-        return pb_grpc.HandoffServiceStub(self.channel)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def webhook_url(self) -> str:
-        return f"{self.base_url}/webhooks/brevo/{TOKEN}"
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
+Replica = ServiceProcess
 
 
 async def start_replica(name: str, env: dict[str, str]) -> Replica:
-    grpc_port, http_port = free_port(), free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        cwd=ROOT,
-        env={**env, "HANDOFF_GRPC_PORT": str(grpc_port), "HANDOFF_HTTP_PORT": str(http_port)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    replica = Replica(name, process, grpc_port, http_port)
-    serving = asyncio.Event()
-
-    async def read() -> None:
-        assert process.stdout is not None
-        async for raw in process.stdout:
-            replica.lines.append(raw.decode())
-            if "serving gRPC" in replica.lines[-1]:
-                serving.set()
-        serving.set()  # ended: the waiter below looks at the exit code
-
-    replica.reader = asyncio.create_task(read())
-    await asyncio.wait_for(serving.wait(), 30)
-    assert process.returncode is None, replica.log
-    replica.channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
-    return replica
+    return await start_service_process(f"replica {name}", env, TOKEN)
 
 
 async def stop_replica(replica: Replica) -> int:
     """SIGTERM, as Kubernetes stops a pod; returns the exit code."""
-    if replica.channel is not None:
-        await replica.channel.close()
-    if replica.process.returncode is None:
-        replica.process.send_signal(signal.SIGTERM)
-    code = await asyncio.wait_for(replica.process.wait(), 30)
-    if replica.reader is not None:
-        await replica.reader
-        replica.reader = None
-        audit_output(f"replica {replica.name}", replica.log)
-    return code
+    return await finish(replica)
 
 
 @dataclass
@@ -149,7 +88,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         redis.stop()
     for replica in replicas:
         for secret in (API_KEY, TOKEN, REDIS_PASSWORD):
-            assert secret not in replica.log, f"replica {replica.name} logged a secret"
+            assert secret not in replica.log, f"{replica.name} logged a secret"
 
 
 async def read_until_ended(call: object, into: list[pb.HandoffEvent]) -> None:

@@ -60,7 +60,6 @@ import os
 import random
 import secrets
 import signal
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -70,16 +69,13 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from log_audit import audit_output
 from reliability_support import record_figures
-from support import free_port
+from service_process import ServiceProcess, finish, start_service_process
 
 from service.brevo.sandbox import SANDBOX_AGENT, BrevoSandbox
 from service.http_server import RunningHttpServer, start_http_server
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # Secrets of this test: the log audit (tests/log_audit.py) finds them by their names.
 API_KEY = "xkeysib-crash0recovery-SecretKey77"
@@ -112,87 +108,6 @@ Event = tuple[str, str, tuple[str, ...]]
 
 
 # --- the service process -----------------------------------------------------------------
-
-
-@dataclass
-class ServiceProcess:
-    name: str
-    process: asyncio.subprocess.Process
-    grpc_port: int
-    http_port: int
-    lines: list[str] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
-    channel: grpc.aio.Channel | None = None
-    start_s: float = 0.0  # from spawning the process to "serving gRPC"
-
-    @property
-    def stub(self) -> pb_grpc.HandoffServiceAsyncStub:
-        assert self.channel is not None
-        return pb_grpc.HandoffServiceStub(self.channel)
-
-    @property
-    def webhook_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/webhooks/brevo/{WEBHOOK_TOKEN}"
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-
-async def start_service_process(name: str, env: dict[str, str]) -> ServiceProcess:
-    grpc_port, http_port = free_port(), free_port()
-    spawned = time.monotonic()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        cwd=ROOT,
-        env={**env, "HANDOFF_GRPC_PORT": str(grpc_port), "HANDOFF_HTTP_PORT": str(http_port)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    service = ServiceProcess(name, process, grpc_port, http_port)
-    serving = asyncio.Event()
-
-    async def read() -> None:
-        assert process.stdout is not None
-        async for raw in process.stdout:
-            service.lines.append(raw.decode(errors="replace"))
-            if "serving gRPC" in service.lines[-1]:
-                serving.set()
-        serving.set()  # it ended: the assertion below shows its output
-
-    service.reader = asyncio.create_task(read())
-    try:
-        await asyncio.wait_for(serving.wait(), 30)
-    except BaseException:
-        await finish(service, kill=True)
-        raise
-    service.start_s = time.monotonic() - spawned
-    if process.returncode is not None:
-        await finish(service, kill=True)
-        raise AssertionError(f"service {name} did not start:\n{service.log[-3000:]}")
-    service.channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
-    return service
-
-
-async def finish(service: ServiceProcess, *, kill: bool) -> int:
-    """SIGKILL (a crash) or SIGTERM (a clean stop); returns the exit code. Hands the
-    process's output to the log audit."""
-    if service.process.returncode is None:
-        if kill:
-            service.process.kill()
-        else:
-            service.process.send_signal(signal.SIGTERM)
-    code = await asyncio.wait_for(service.process.wait(), 30)
-    if service.channel is not None:
-        await service.channel.close()
-        service.channel = None
-    if service.reader is not None:
-        await asyncio.wait_for(service.reader, 10)
-        service.reader = None
-        audit_output(f"service {service.name}", service.log)
-    return code
 
 
 def error_lines(service: ServiceProcess) -> list[str]:
@@ -548,7 +463,7 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(
     services: list[ServiceProcess] = []
     tasks: list[asyncio.Task[None]] = []  # the load's, cancelled here if the test fails
     try:
-        first = await start_service_process("before the kill", env)
+        first = await start_service_process("before the kill", env, WEBHOOK_TOKEN)
         services.append(first)
         sandbox.set_webhook_url(first.webhook_url)
         figures = await crash_and_check(store, first, env, services, tasks, sandbox, http, rng)
@@ -674,7 +589,7 @@ async def crash_and_check(
     assert not error_lines(first), error_lines(first)[:5]
 
     # --- the restart on the same store ----------------------------------------------------
-    second = await start_service_process("after the restart", env)
+    second = await start_service_process("after the restart", env, WEBHOOK_TOKEN)
     services.append(second)
     restart_s = time.monotonic() - load.killed_at
     stub = second.stub
