@@ -32,11 +32,13 @@ from service.storage.sqlite import SqliteStore
 Opener = Callable[[], Awaitable[HandoffStore]]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "sqlite-full", "redis"])
 async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
     """Opens the backend on the same durable location each time it is called.
 
-    For Redis that is one key prefix on the session's redis-server, new for each test.
+    SQLite runs its statements on the event loop in NORMAL mode and on its thread in FULL
+    mode: both are tested. For Redis the location is one key prefix on the session's
+    redis-server, new for each test.
     """
     opened: list[HandoffStore] = []
     prefix = f"{{t{secrets.token_hex(6)}}}"
@@ -45,6 +47,8 @@ async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         store: HandoffStore
         if request.param == "sqlite":
             store = await SqliteStore.open(str(tmp_path / "store.db"))
+        elif request.param == "sqlite-full":
+            store = await SqliteStore.open(str(tmp_path / "store.db"), "FULL")
         else:
             server: RedisServer = request.getfixturevalue("redis_server")
             store = await RedisStore.open(RedisSettings(server.url, prefix=prefix))
