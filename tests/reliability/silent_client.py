@@ -13,11 +13,10 @@ stream ended.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
-from pathlib import Path
 
 import grpc
+from client_process import emit, rss_mib
 
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
@@ -28,18 +27,6 @@ def describe(event: pb.HandoffEvent) -> str:
     if kind == "agent_message":
         return event.agent_message.brevo_message_id
     return str(kind)
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def emit(value: object) -> None:
-    sys.stdout.write(json.dumps(value) + "\n")
-    sys.stdout.flush()
 
 
 async def main(target: str, handoff_id: str) -> None:

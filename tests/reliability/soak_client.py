@@ -28,13 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
+from client_process import emit, rss_mib
 
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
@@ -50,18 +49,6 @@ def describe(event: pb.HandoffEvent) -> str:
     if kind == "handoff_ended":
         return f"ended {pb.EndReason.Name(event.handoff_ended.reason)}"
     return str(kind)
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def emit(value: object) -> None:
-    sys.stdout.write(json.dumps(value) + "\n")
-    sys.stdout.flush()
 
 
 @dataclass

@@ -14,17 +14,15 @@ sends 500 messages more.
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from reliability_support import REPO, record_figures, rss_bytes
+from client_process import ClientProcess
+from reliability_support import record_figures, rss_bytes
 from support import Harness, close_harness, fixture, make_config, open_harness
 
 from service.core.fanout import Subscription
@@ -102,58 +100,6 @@ class Reader:
             self.error = exc
 
 
-class SilentClient:
-    """silent_client.py in a process of its own."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    @classmethod
-    async def start(cls, target: str, handoff_id: str) -> SilentClient:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(SILENT_CLIENT),
-            target,
-            handoff_id,
-            cwd=REPO,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        return cls(proc)
-
-    async def answer(self, timeout_s: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(timeout_s):
-            line = await self.proc.stdout.readline()
-        if not line:
-            assert self.proc.stderr is not None
-            error = (await self.proc.stderr.read()).decode(errors="replace")
-            raise AssertionError(f"the silent client ended: {error[-2000:]}")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    async def read_again(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(b"read\n")
-        await self.proc.stdin.drain()
-        return await self.answer(60)
-
-    async def close(self) -> None:
-        if self.proc.returncode is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                async with asyncio.timeout(10):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                await stream.read()
-
-
 async def test_a_reader_that_stops_reading_is_cut_off_and_nobody_else_notices(
     h: Harness,
     request: pytest.FixtureRequest,
@@ -170,7 +116,7 @@ async def test_a_reader_that_stops_reading_is_cut_off_and_nobody_else_notices(
     assert first.json() == {"outcome": "stored", "events": 2}
     request_all = pb.StreamAgentRepliesRequest(handoff_id=handoff.id)
 
-    silent = await SilentClient.start(h.running.grpc_target, handoff.id)
+    silent = await ClientProcess.start(SILENT_CLIENT, h.running.grpc_target, handoff.id)
     try:
         head = (await silent.answer(30))["first"]
         assert head[1] == "agent_joined"
@@ -229,7 +175,8 @@ async def test_a_reader_that_stops_reading_is_cut_off_and_nobody_else_notices(
         assert len({cursor for cursor, _ in everything}) == len(everything)
 
         # The silent client reads again: what its connection held, then the cut-off.
-        cut = await silent.read_again()
+        await silent.say("read")
+        cut = await silent.answer(60)
         assert cut["code"] == "RESOURCE_EXHAUSTED", cut["code"]
         assert "reconnect with after_cursor" in cut["details"]
         held = [(head[0], head[1]), *((c, w) for c, w in cut["held"])]

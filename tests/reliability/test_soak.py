@@ -24,7 +24,6 @@ where it was each time (checked by hand; not part of this test).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -34,12 +33,12 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+from client_process import ClientProcess
 from log_audit import AUDIT
-from reliability_support import REPO, record_figures, rss_bytes, watch_error_logs
+from reliability_support import record_figures, rss_bytes, watch_error_logs
 from support import (
     MARTA,
     Harness,
@@ -221,61 +220,6 @@ def webhook_to_stream(h: Harness) -> tuple[float, float]:
     return total / count, p99
 
 
-class SoakClient:
-    """soak_client.py in a process of its own."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        assert proc.stderr is not None
-        # Read all along, so that a chatty client never blocks on a full pipe.
-        self._stderr = asyncio.create_task(proc.stderr.read())
-
-    @classmethod
-    async def start(cls, target: str, handoff_ids: list[str], deadline_s: float) -> SoakClient:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(SOAK_CLIENT),
-            target,
-            str(CHANNELS),
-            str(STREAMS_PER_HANDOFF),
-            str(deadline_s),
-            *handoff_ids,
-            cwd=REPO,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            limit=2**20,
-        )
-        return cls(proc)
-
-    async def answer(self, timeout_s: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(timeout_s):
-            line = await self.proc.stdout.readline()
-        if not line:
-            async with asyncio.timeout(10):
-                error = (await self._stderr).decode(errors="replace")
-            raise AssertionError(f"the soak client ended: {error[-3000:]}")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    async def close(self) -> int:
-        """Closes its standard input (it exits at once if still running); its exit code."""
-        if self.proc.returncode is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                async with asyncio.timeout(10):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        assert self.proc.stdout is not None
-        await self.proc.stdout.read()
-        await self._stderr
-        return self.proc.returncode if self.proc.returncode is not None else -1
-
-
 @pytest.mark.timeout(300)  # about 70 s; the project's default per test is 120 s
 async def test_a_thousand_streams_under_steady_webhooks_leak_nothing(
     h: Harness,
@@ -333,8 +277,13 @@ async def test_a_thousand_streams_under_steady_webhooks_leak_nothing(
             for i in range(HANDOFFS):
                 await post(i, [(f"first-{i}", f"hello from handoff {i}", 0)])
 
-            client = await SoakClient.start(
-                h.running.grpc_target, [x.id for x in handoffs], SOAK_SECONDS + 180
+            client = await ClientProcess.start(
+                SOAK_CLIENT,
+                h.running.grpc_target,
+                str(CHANNELS),
+                str(STREAMS_PER_HANDOFF),
+                str(SOAK_SECONDS + 180),
+                *(x.id for x in handoffs),
             )
             try:
                 ready = await client.answer(90)
