@@ -110,3 +110,13 @@ async def test_ended_handoff_stream_replays_and_completes(harness: Harness) -> N
         ),
         ("ended", "END_REASON_STOPPED_BY_BOT"),
     ]
+    # A client that read the end but lost the stream before it completed resumes from the
+    # end's cursor: the stream completes at once (within the heartbeat, 5 s), empty.
+    resumed = harness.stub.StreamAgentReplies(
+        pb.StreamAgentRepliesRequest(handoff_id=handoff.id, after_cursor=items[-1].event.cursor)
+    )
+
+    async def read_all() -> list[pb.StreamAgentRepliesResponse]:
+        return [item async for item in resumed]
+
+    assert await asyncio.wait_for(read_all(), 2) == []

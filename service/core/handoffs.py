@@ -518,7 +518,8 @@ class HandoffManager:
         """Replays the events after ``after_cursor``, then follows new ones live.
 
         With a handoff id and no cursor the replay starts at the handoff's first event;
-        with neither, the stream starts now. A one-handoff stream ends after HandoffEnded.
+        with neither, the stream starts now. A one-handoff stream ends after HandoffEnded,
+        and at once when it resumes after that event.
         Raises StreamOverflow when the reader fell more than the buffer behind live events.
         """
         if self._shutting_down is not None:
@@ -531,8 +532,9 @@ class HandoffManager:
             after = decode_cursor(after_cursor)
             if after is None:
                 raise errors.InvalidCursor(after_cursor)
+        ended = False
         if handoff_id:
-            await self._get(handoff_id)
+            ended = not (await self._get(handoff_id)).is_open
             if after is None:
                 after = 0
         if after:
@@ -542,10 +544,10 @@ class HandoffManager:
                     f"after_cursor {after_cursor!r} is beyond the newest event ({newest}): the "
                     "event log was reset; reconnect without after_cursor"
                 )
-        return self._follow(handoff_id or None, after)
+        return self._follow(handoff_id or None, after, ended)
 
     async def _follow(
-        self, handoff_id: str | None, after: int | None
+        self, handoff_id: str | None, after: int | None, ended: bool = False
     ) -> AsyncIterator[StoredEvent | Heartbeat]:
         # Subscribe first, then read the store: what commits in between is in both, and the
         # sequence numbers drop the copy. Nothing can fall in a gap.
@@ -566,6 +568,10 @@ class HandoffManager:
                     sub.reset()  # still catching up from the store: the buffer is not needed
                     continue
                 if len(page) < self.settings.replay_page:
+                    if ended:
+                        # The handoff had ended and its end lies before the cursor (the
+                        # client read it, then lost the stream): nothing more can come.
+                        return
                     break
             while True:
                 if sub.error is not None:

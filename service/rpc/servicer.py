@@ -191,6 +191,9 @@ class HandoffServicer(pb_grpc.HandoffServiceServicer):
     ) -> AsyncIterator[pb.StreamAgentRepliesResponse]:
         try:
             stream = await self._manager.events(request.handoff_id, request.after_cursor)
+            # The request is valid: say so now rather than with the first item, which may be
+            # a heartbeat away, so that the client (and any proxy) sees the stream open.
+            await context.send_initial_metadata(())
             async for item in stream:
                 if isinstance(item, Heartbeat):
                     yield pb.StreamAgentRepliesResponse(
