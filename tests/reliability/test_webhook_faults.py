@@ -131,7 +131,9 @@ class Client:
     resumes: int = 0
 
     async def run(self) -> None:
-        while True:
+        # Until the client has seen the end: a drop may strike just as the end arrives, and
+        # a client that saw it does not resume.
+        while not self.received or self.received[-1][1] != "handoff_ended":
             cursor = self.received[-1][0] if self.received else ""
             call = self.h.stub.StreamAgentReplies(
                 pb.StreamAgentRepliesRequest(handoff_id=self.handoff_id, after_cursor=cursor)
