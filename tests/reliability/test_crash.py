@@ -161,6 +161,12 @@ class SendResult:
     at: float
     duplicate: bool = False  # the answer's duplicate flag
 
+    @classmethod
+    def ok(cls, send: Send, answer: pb.SendMessageResponse) -> SendResult:
+        return cls(
+            send, answer.brevo_message_id, grpc.StatusCode.OK, time.monotonic(), answer.duplicate
+        )
+
 
 def message_id(handoff: int, n: int) -> str:
     return f"cr{handoff:02d}m{n:04d}"
@@ -329,15 +335,7 @@ async def send_messages(
             load.sent.append(SendResult(send, "", exc.code(), time.monotonic()))
             continue
         assert not answer.duplicate, send
-        load.sent.append(
-            SendResult(
-                send,
-                answer.brevo_message_id,
-                grpc.StatusCode.OK,
-                time.monotonic(),
-                answer.duplicate,
-            )
-        )
+        load.sent.append(SendResult.ok(send, answer))
 
 
 async def read_stream(stub: pb_grpc.HandoffServiceAsyncStub, reader: Reader, load: Load) -> None:
@@ -773,12 +771,4 @@ async def send_messages_after(
             ),
             timeout=RPC_TIMEOUT_S,
         )
-        load.sent.append(
-            SendResult(
-                send,
-                answer.brevo_message_id,
-                grpc.StatusCode.OK,
-                time.monotonic(),
-                answer.duplicate,
-            )
-        )
+        load.sent.append(SendResult.ok(send, answer))
