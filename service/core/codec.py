@@ -1,8 +1,16 @@
-"""JSON forms of handoffs and event payloads, shared by every storage backend."""
+"""JSON forms of handoffs and event payloads, shared by every storage backend.
+
+Encoded with orjson: a handoff record is written on every change, and the standard library's
+encoder was a tenth of a webhook's CPU in make bench's profile. What orjson cannot encode
+(nothing the service makes today: texts arrive without lone surrogates, numbers within 64
+bits) falls back to the standard library, so a record is never refused for its contents.
+"""
 
 from __future__ import annotations
 
 import json
+
+import orjson
 
 from service.core.models import (
     Agent,
@@ -58,8 +66,16 @@ def _attachment(raw: object) -> Attachment:
     )
 
 
-def handoff_to_json(h: Handoff) -> str:
-    return json.dumps(
+def _dumps(obj: JsonObject) -> str:
+    try:
+        return orjson.dumps(obj).decode()
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":"))
+
+
+def handoff_to_json(h: Handoff, *, version: int | None = None) -> str:
+    """``h`` as stored; ``version`` (default ``h.version``) is the version to store it at."""
+    return _dumps(
         {
             "id": h.id,
             "conversation_id": h.conversation_id,
@@ -67,7 +83,7 @@ def handoff_to_json(h: Handoff) -> str:
             "state": h.state.value,
             "created_at_ms": h.created_at_ms,
             "updated_at_ms": h.updated_at_ms,
-            "version": h.version,
+            "version": h.version if version is None else version,
             "end_reason": h.end_reason.value if h.end_reason else None,
             "brevo_conversation_id": h.brevo_conversation_id,
             "agents": [_agent_json(a) for a in h.agents],
@@ -76,13 +92,12 @@ def handoff_to_json(h: Handoff) -> str:
             "opening_parts": list(h.opening_parts),
             "opening_posted": h.opening_posted,
             "held": [_held_json(m) for m in h.held],
-        },
-        separators=(",", ":"),
+        }
     )
 
 
 def handoff_from_json(text: str) -> Handoff:
-    obj = _obj(json.loads(text))
+    obj = _obj(orjson.loads(text))
     end = obj.get("end_reason")
     metadata = _obj(obj.get("metadata"))
     parts = obj.get("opening_parts")
@@ -130,7 +145,7 @@ def _held(raw: object) -> HeldMessage:
 
 
 def payload_to_json(payload: EventPayload) -> str:
-    return json.dumps(_payload_json(payload), separators=(",", ":"))
+    return _dumps(_payload_json(payload))
 
 
 def _payload_json(payload: EventPayload) -> JsonObject:
@@ -155,7 +170,7 @@ def _payload_json(payload: EventPayload) -> JsonObject:
 
 
 def payload_from_json(text: str) -> EventPayload:
-    return _payload(_obj(json.loads(text)))
+    return _payload(_obj(orjson.loads(text)))
 
 
 def _payload(obj: dict[str, object]) -> EventPayload:

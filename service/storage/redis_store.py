@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import secrets
 from collections import OrderedDict
@@ -328,7 +327,7 @@ class RedisStore:
         args: list[str | int] = [
             commit.expected_version,
             new_version,
-            handoff_to_json(dataclasses.replace(h, version=new_version)),
+            handoff_to_json(h, version=new_version),
             h.state.value,
             h.id,
             h.created_at_ms,
