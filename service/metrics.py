@@ -95,6 +95,10 @@ class Metrics:
             ["event", "outcome"],
             registry=self.registry,
         )
+        # (event, outcome) -> its child: both come from fixed sets, so this stays small.
+        self._webhook_counters: dict[tuple[str, str], Counter] = {}
+        self._delivered_counters: dict[type, Counter] = {}
+        self._brevo_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._open_streams = Gauge(
             "handoff_open_streams",
             "StreamAgentReplies calls open on this replica.",
@@ -134,15 +138,31 @@ class Metrics:
         self._open_streams.set_function(lambda: manager.open_streams)
 
     def webhook(self, event_name: str, outcome: str) -> None:
-        event = event_name if event_name in KNOWN_EVENTS else ("" if not event_name else "other")
-        self._webhooks.labels(event or "none", outcome).inc()
+        event = event_name if event_name in KNOWN_EVENTS else ("other" if event_name else "none")
+        counter = self._webhook_counters.get((event, outcome))
+        if counter is None:  # labels() costs more than the increment: each child is kept
+            counter = self._webhook_counters[(event, outcome)] = self._webhooks.labels(
+                event, outcome
+            )
+        counter.inc()
 
     def brevo_call(self, endpoint: str, outcome: str, seconds: float) -> None:
-        self._brevo_requests.labels(endpoint, outcome).inc()
-        self._brevo_seconds.labels(endpoint).observe(seconds)
+        # The endpoints and outcomes are the client's own few strings: each child is kept.
+        children = self._brevo_children.get((endpoint, outcome))
+        if children is None:
+            children = self._brevo_children[(endpoint, outcome)] = (
+                self._brevo_requests.labels(endpoint, outcome),
+                self._brevo_seconds.labels(endpoint),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def event_delivered(self, event: StoredEvent, live: bool) -> None:
-        self._delivered.labels(_event_type(event)).inc()
+        kind = type(event.payload)
+        counter = self._delivered_counters.get(kind)
+        if counter is None:  # one per payload type
+            counter = self._delivered_counters[kind] = self._delivered.labels(_event_type(event))
+        counter.inc()
         if live and event.received_at_ms > 0:
             waited_s = (time.time_ns() // 1_000_000 - event.received_at_ms) / 1000
             self._webhook_to_stream.observe(max(waited_s, 0.0))
