@@ -582,7 +582,10 @@ class HandoffManager:
                         "behind; reconnect with after_cursor set to the last cursor received"
                     )
                 try:
-                    live = await asyncio.wait_for(sub.queue.get(), self.settings.heartbeat_s)
+                    # asyncio.timeout, not wait_for: wait_for wraps the get in a task of
+                    # its own, for every event of every stream.
+                    async with asyncio.timeout(self.settings.heartbeat_s):
+                        live = await sub.queue.get()
                 except TimeoutError:
                     yield Heartbeat(self._now())
                     continue
