@@ -175,6 +175,83 @@ async def test_listener_gets_every_commit_in_log_order(opener: Opener) -> None:
     assert (len(received), interruptions) == (20, [])
 
 
+async def test_commits_made_at_once_stand_or_fall_alone(opener: Opener) -> None:
+    """Commits made in one turn of the event loop (SQLite writes them in one transaction):
+    one refused for its version leaves the others whole, and each answer is its own."""
+    store = await opener()
+    received: list[StoredEvent] = []
+    store.set_listener(received.extend, lambda exc: None)
+    handoffs = [(await store.create_handoff(sample_handoff(n)))[0] for n in range(6)]
+    first = await store.commit(Commit(handoffs[0], 0, events=(NewEvent(1, NoAgentAvailable()),)))
+    await until(lambda: len(received) == 1, what="the first event delivered")
+
+    def message(n: int) -> NewEvent:
+        return NewEvent(n, AgentMessage(f"m{n}", Agent("A"), f"text {n}"))
+
+    commits = [
+        Commit(handoffs[0], 0, events=(message(0),), seen_message_ids=("stale",)),  # stale
+        *(
+            Commit(
+                dataclasses.replace(h, state=HandoffState.ACTIVE),
+                0,
+                events=(message(n), message(n + 100)),
+                seen_message_ids=(f"m{n}",),
+            )
+            for n, h in enumerate(handoffs[1:], start=1)
+        ),
+        Commit(handoffs[0], 1, events=(message(50),), client_message=("c", "b")),
+    ]
+    outcomes = await asyncio.gather(*(store.commit(c) for c in commits), return_exceptions=True)
+
+    assert isinstance(outcomes[0], ConcurrentUpdate)
+    answered = [o for o in outcomes[1:] if not isinstance(o, BaseException)]
+    assert len(answered) == 6, outcomes
+    assert [[e.payload for e in o] for o in answered] == [
+        [e.payload for e in c.events] for c in commits[1:]
+    ]
+    # Each commit's events are consecutive in the log; the commits, in some order.
+    for o in answered:
+        assert [e.seq for e in o] == list(range(o[0].seq, o[0].seq + len(o)))
+    everything = sorted((e for o in answered for e in o), key=lambda e: e.seq)
+    assert [e.seq for e in everything] == list(range(first[0].seq + 1, first[0].seq + 12))
+    await until(lambda: len(received) == 12, what="every event delivered")
+    assert received == [*first, *everything]
+    assert await store.read_events(None, 0, 100) == received
+    # Nothing of the refused commit landed; all of the others did.
+    assert await store.known_message_ids("ho_0", ["stale"]) == (set(), set())
+    assert await store.client_message("ho_0", "c") == "b"
+    for n in range(1, 6):
+        assert await store.known_message_ids(f"ho_{n}", [f"m{n}"]) == ({f"m{n}"}, set())
+        stored = await store.get_handoff(f"ho_{n}")
+        assert stored is not None
+        assert (stored.state, stored.version) == (HandoffState.ACTIVE, 1)
+    zeroth = await store.get_handoff("ho_0")
+    assert zeroth is not None
+    assert zeroth.version == 2
+
+
+async def test_commits_still_queued_when_the_store_closes_are_written_first(
+    opener: Opener,
+) -> None:
+    store = await opener()
+    handoffs = [(await store.create_handoff(sample_handoff(n)))[0] for n in range(3)]
+    writes = [
+        asyncio.ensure_future(store.commit(Commit(h, 0, events=(NewEvent(n, NoAgentAvailable()),))))
+        for n, h in enumerate(handoffs)
+    ]
+    await asyncio.sleep(0)  # the commits are made, and wait for their turn
+    await store.close()
+    written = [await w for w in writes]
+    reopened = await opener()
+    assert await reopened.read_events(None, 0, 10) == sorted(
+        (e for w in written for e in w), key=lambda e: e.seq
+    )
+    for n in range(3):
+        again = await reopened.get_handoff(f"ho_{n}")
+        assert again is not None
+        assert again.version == 1
+
+
 async def test_everything_survives_reopening(opener: Opener) -> None:
     store = await opener()
     h, _ = await store.create_handoff(sample_handoff(1))

@@ -556,12 +556,15 @@ class SqliteStore:
         """Closes the connection; closing twice is harmless."""
         if self._closed:
             return
+        self._closed = True  # no new commit from here on
         # Commits already queued go to the file first.
-        if self._queued and self._inline:
-            self._flush_batch()
         while self._flush_tasks:
             await asyncio.gather(*self._flush_tasks, return_exceptions=True)
-        self._closed = True
+        if self._queued:
+            if self._inline:
+                self._flush_batch()
+            else:
+                await self._flush_on_thread()
         self._records.clear()
         self._by_visitor.clear()
 
