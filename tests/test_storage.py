@@ -87,6 +87,45 @@ async def test_lookups(opener: Opener) -> None:
     assert (found.id, found.version) == ("ho_1", 1)
 
 
+async def test_what_a_webhook_reads(opener: Opener) -> None:
+    """Routing by visitor, then the record with the message ids already handled and sent."""
+    store = await opener()
+    assert await store.handoff_id_of_visitor("hf_1") is None
+    h, _ = await store.create_handoff(sample_handoff(1))
+    assert await store.handoff_id_of_visitor("hf_1") == "ho_1"
+    assert await store.read_for_webhook("ho_1", ["m1", "s1"]) == (h, set(), set())
+    active = dataclasses.replace(h, state=HandoffState.ACTIVE)
+    await store.commit(
+        Commit(
+            active,
+            0,
+            events=(NewEvent(5, AgentMessage("m1", Agent("A"), "one")),),
+            seen_message_ids=("m1",),
+            sent_message_ids=("s1",),
+        )
+    )
+    assert await store.read_for_webhook("ho_1", ["m1", "m2", "s1", "m1"]) == (
+        dataclasses.replace(active, version=1),
+        {"m1"},
+        {"s1"},
+    )
+    assert await store.read_for_webhook("ho_1", []) == (
+        dataclasses.replace(active, version=1),
+        set(),
+        set(),
+    )
+    assert await store.read_for_webhook("nope", ["m1"]) == (None, set(), set())
+    # Another process (a fresh store on the same data) finds the same.
+    await store.close()
+    reopened = await opener()
+    assert await reopened.handoff_id_of_visitor("hf_1") == "ho_1"
+    assert await reopened.read_for_webhook("ho_1", ["m1", "s1"]) == (
+        dataclasses.replace(active, version=1),
+        {"m1"},
+        {"s1"},
+    )
+
+
 async def test_commit_is_atomic_and_versioned(opener: Opener) -> None:
     store = await opener()
     h, _ = await store.create_handoff(sample_handoff(1))

@@ -445,19 +445,19 @@ class HandoffManager:
             return WebhookOutcome("ignored_event", event_name=event.event_name)
         for problem in event.problems:
             log.warning("webhook %s: %s", event.event_name, problem)
-        handoff = await self._route(event)
-        if handoff is None:
+        handoff_id = await self._route(event)
+        if handoff_id is None:
             self.stats["webhooks_unknown_visitor"] += 1
             return WebhookOutcome("unknown_visitor", event_name=event.event_name)
-        bind_handoff(handoff.id)
-        async with self._locks.hold(f"inbound:{handoff.id}"):
-            for attempt in range(COMMIT_ATTEMPTS):
-                # The record read to route the webhook serves the first attempt; a retry
-                # after a concurrent update re-reads it.
-                current = handoff if attempt == 0 else await self._get(handoff.id)
-                seen, sent = await self._store.known_message_ids(
-                    current.id, [m.id for m in event.messages]
-                )
+        bind_handoff(handoff_id)
+        message_ids = [m.id for m in event.messages]
+        async with self._locks.hold(f"inbound:{handoff_id}"):
+            for _ in range(COMMIT_ATTEMPTS):
+                # The record and the message ids in one read (one round trip to Redis).
+                current, seen, sent = await self._store.read_for_webhook(handoff_id, message_ids)
+                if current is None:  # gone since it was routed (expired from Redis)
+                    self.stats["webhooks_unknown_visitor"] += 1
+                    return WebhookOutcome("unknown_visitor", event_name=event.event_name)
                 plan = plan_inbound(
                     current,
                     event,
@@ -501,13 +501,15 @@ class HandoffManager:
         for reason, count in dropped.items():
             self.stats[f"messages_dropped_{reason}"] += count
 
-    async def _route(self, event: WebhookEvent) -> Handoff | None:
+    async def _route(self, event: WebhookEvent) -> str | None:
+        """The id of the handoff a webhook is about: by its visitor, else by its chat."""
         if event.visitor_id:
-            found = await self._store.find_by_visitor(event.visitor_id)
+            found = await self._store.handoff_id_of_visitor(event.visitor_id)
             if found is not None:
                 return found
         if event.conversation_id:
-            return await self._store.find_by_brevo_conversation(event.conversation_id)
+            handoff = await self._store.find_by_brevo_conversation(event.conversation_id)
+            return handoff.id if handoff is not None else None
         return None
 
     # --- StreamAgentReplies ---------------------------------------------------------------

@@ -52,6 +52,11 @@ class HandoffStore(Protocol):
 
     async def find_by_visitor(self, visitor_id: str) -> Handoff | None: ...
 
+    async def handoff_id_of_visitor(self, visitor_id: str) -> str | None:
+        """The id of the handoff made for this Brevo visitor, if any (cheap: a handoff's
+        visitor never changes, so a backend may remember it)."""
+        ...
+
     async def find_by_brevo_conversation(self, brevo_conversation_id: str) -> Handoff | None: ...
 
     async def commit(self, commit: Commit) -> list[StoredEvent]:
@@ -63,6 +68,13 @@ class HandoffStore(Protocol):
     ) -> tuple[set[str], set[str]]:
         """Which of ``ids`` were already handled (emitted or dropped) for this handoff, and
         which are messages the service itself posted to Brevo: one read, for a webhook."""
+        ...
+
+    async def read_for_webhook(
+        self, handoff_id: str, message_ids: Sequence[str]
+    ) -> tuple[Handoff | None, set[str], set[str]]:
+        """The handoff (None when there is none) with ``known_message_ids(message_ids)``:
+        everything a webhook needs before it is planned, in one read."""
         ...
 
     async def client_message(self, handoff_id: str, client_message_id: str) -> str | None:

@@ -33,7 +33,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -264,6 +264,10 @@ class RedisStore:
         return found if found is not None and found.is_open else None
 
     async def find_by_visitor(self, visitor_id: str) -> Handoff | None:
+        handoff_id = await self.handoff_id_of_visitor(visitor_id)
+        return await self.get_handoff(handoff_id) if handoff_id is not None else None
+
+    async def handoff_id_of_visitor(self, visitor_id: str) -> str | None:
         handoff_id = self._handoff_of_visitor.get(visitor_id)
         if handoff_id is None:
             found = await self._call(
@@ -275,7 +279,7 @@ class RedisStore:
             self._handoff_of_visitor[visitor_id] = handoff_id
             if len(self._handoff_of_visitor) > VISITOR_CACHE_SIZE:
                 self._handoff_of_visitor.popitem(last=False)
-        return await self.get_handoff(handoff_id)
+        return handoff_id
 
     async def find_by_brevo_conversation(self, brevo_conversation_id: str) -> Handoff | None:
         newest = await self._call(
@@ -402,6 +406,33 @@ class RedisStore:
         return (
             {m for m, known in zip(unique, seen, strict=True) if known},
             {m for m, known in zip(unique, sent, strict=True) if known},
+        )
+
+    async def read_for_webhook(
+        self, handoff_id: str, message_ids: Sequence[str]
+    ) -> tuple[Handoff | None, set[str], set[str]]:
+        unique = list(dict.fromkeys(message_ids))
+
+        async def read() -> list[Any]:
+            # One round trip for the record and both sets.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hget(self._k("h", handoff_id), "rec")
+                if unique:
+                    pipe.smismember(self._k("seen", handoff_id), unique)
+                    pipe.smismember(self._k("sent", handoff_id), unique)
+                replies: list[Any] = await pipe.execute()
+            return replies
+
+        replies = await self._call("read a handoff and message ids", read())
+        if not replies[0]:
+            return None, set(), set()
+        handoff = handoff_from_json(str(replies[0]))
+        if not unique:
+            return handoff, set(), set()
+        return (
+            handoff,
+            {m for m, known in zip(unique, replies[1], strict=True) if known},
+            {m for m, known in zip(unique, replies[2], strict=True) if known},
         )
 
     async def client_message(self, handoff_id: str, client_message_id: str) -> str | None:

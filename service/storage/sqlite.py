@@ -304,6 +304,19 @@ class SqliteStore:
             )
         )
 
+    async def handoff_id_of_visitor(self, visitor_id: str) -> str | None:
+        cached = self._by_visitor.get(visitor_id)
+        if cached is not None and not self._closed:
+            return cached
+        row = await self._run(
+            lambda: (
+                self._db()
+                .execute("SELECT id FROM handoffs WHERE visitor_id = ?", (visitor_id,))
+                .fetchone()
+            )
+        )
+        return str(row[0]) if row else None
+
     async def find_by_brevo_conversation(self, brevo_conversation_id: str) -> Handoff | None:
         return await self._run(
             lambda: self._one(
@@ -510,6 +523,15 @@ class SqliteStore:
             for table, message_id in rows:
                 (sent if table else seen).add(message_id)
         return seen, sent
+
+    async def read_for_webhook(
+        self, handoff_id: str, message_ids: Sequence[str]
+    ) -> tuple[Handoff | None, set[str], set[str]]:
+        handoff = await self.get_handoff(handoff_id)
+        if handoff is None:
+            return None, set(), set()
+        seen, sent = await self.known_message_ids(handoff_id, message_ids)
+        return handoff, seen, sent
 
     async def client_message(self, handoff_id: str, client_message_id: str) -> str | None:
         def lookup() -> str | None:
