@@ -28,13 +28,11 @@ from bench.scenarios import (
     QUICK,
     Sizes,
     bare_target,
-    bare_unary,
-    direct_posts,
     idle_streams,
-    ingest,
     ingest_figures,
+    ingest_side_by_side,
     open_handoffs,
-    send_messages,
+    send_side_by_side,
     service_target,
     webhook_to_stream,
 )
@@ -63,6 +61,7 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         bare, bare_ports = await start_json_server("bare", log_dir)
         procs.append(bare)
         standin_port = int(standin_ports["http_port"])
+        bare_http_port = int(bare_ports["http_port"])
 
         async def service(name: str, **env: str) -> ServiceProc:
             proc = await start_service(
@@ -88,26 +87,28 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
             )
         results["webhook_to_stream"] = w2s
 
-        say("2. webhook ingest, service (SQLite) and a bare Starlette route")
+        say("2. webhook ingest, service (SQLite) and a bare Starlette route, taking turns")
         ids, visitors = await open_handoffs(svc, 50, "ingest")
-        ours_ingest = ingest_figures(
-            await ingest(svc.http_port, lambda n: svc.webhook_path, visitors, sizes)
+        ours_load, base_load = await ingest_side_by_side(
+            [
+                (svc.http_port, lambda n: svc.webhook_path, visitors),
+                (bare_http_port, lambda n: "/ok", visitors),
+            ],
+            sizes,
         )
-        base_ingest = ingest_figures(
-            await ingest(int(bare_ports["http_port"]), lambda n: "/ok", visitors, sizes)
-        )
+        ours_ingest, base_ingest = ingest_figures(ours_load), ingest_figures(base_load)
         results["ingest"] = {"service": ours_ingest, "bare": base_ingest}
         say(f"   service {ours_ingest['per_s']}/s; bare {base_ingest['per_s']}/s")
 
-        say("3. SendMessage -> Brevo stand-in, and httpx posting the same body directly")
-        send_ids, send_visitors = await open_handoffs(svc, sizes.send_concurrency, "send")
-        ours_send = await send_messages(svc, send_ids, sizes)
-        base_send = await direct_posts(standin_port, send_visitors[0], sizes)
-        hop = await bare_unary(f"127.0.0.1:{bare_ports['grpc_port']}", sizes)
-        results["send_message"] = {"service": ours_send, "direct": base_send, "grpc_hop": hop}
+        say("3. SendMessage -> Brevo stand-in, httpx posting the same body directly, taking turns")
+        send_ids, _ = await open_handoffs(svc, sizes.send_concurrency, "send")
+        results["send_message"] = send = await send_side_by_side(
+            svc, send_ids, standin_port, f"127.0.0.1:{bare_ports['grpc_port']}", sizes
+        )
         say(
-            f"   SendMessage p50 {ours_send['p50_ms']} ms; direct p50 {base_send['p50_ms']} ms; "
-            f"a bare gRPC unary call p50 {hop['p50_ms']} ms"
+            f"   SendMessage p50 {send['service']['p50_ms']} ms; direct p50 "
+            f"{send['direct']['p50_ms']} ms; a bare gRPC unary call p50 "
+            f"{send['grpc_hop']['p50_ms']} ms"
         )
 
         say("4. idle streams: resident memory per stream")
@@ -141,9 +142,15 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
             service_target(one, ids, visitors, "redis-1"), sizes, log_dir
         )
         ids, visitors = await open_handoffs(one, 50, "redis-ingest")
-        redis_ingest = ingest_figures(
-            await ingest(one.http_port, lambda n: one.webhook_path, visitors, sizes)
+        _, sqlite_visitors = await open_handoffs(svc, 50, "sqlite-ingest")
+        redis_load, sqlite_load = await ingest_side_by_side(
+            [
+                (one.http_port, lambda n: one.webhook_path, visitors),
+                (svc.http_port, lambda n: svc.webhook_path, sqlite_visitors),
+            ],
+            sizes,
         )
+        redis_ingest, sqlite_ingest = ingest_figures(redis_load), ingest_figures(sqlite_load)
         two = await service("service-redis-b", REDIS_URL=redis.url)
         ids, visitors = await open_handoffs(one, sizes.redis_streams, "redis-2")
         cross = service_target(one, ids, visitors, "redis-2")
@@ -155,6 +162,7 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
             "one_replica": redis_w2s,
             "two_replicas": redis_cross,
             "ingest": redis_ingest,
+            "sqlite_ingest": sqlite_ingest,  # measured taking turns with Redis'
             "sqlite_same_streams": sqlite_same,
         }
         say(

@@ -38,7 +38,8 @@ class Sizes:
     latency_s: float = 5.0
     rate_s: float = 5.0
     rate_connections: int = 16
-    ingest_s: float = 5.0
+    ingest_s: float = 3.0  # a round; ingest runs take turns with their baseline
+    rounds: int = 3
     send_calls: int = 500
     send_s: float = 5.0
     send_concurrency: int = 16
@@ -54,6 +55,7 @@ QUICK = Sizes(
     rate_s=1.0,
     rate_connections=4,
     ingest_s=1.0,
+    rounds=1,
     send_calls=30,
     send_s=1.0,
     send_concurrency=4,
@@ -280,6 +282,24 @@ async def ingest(
     )
 
 
+IngestTarget = tuple[int, Callable[[int], str], list[str]]  # port, path of n, visitors
+
+
+async def ingest_side_by_side(targets: list[IngestTarget], sizes: Sizes) -> list[LoadResult]:
+    """``ingest`` on each target in turn, ``sizes.rounds`` times over, so that a noisy
+    neighbour strikes them alike; one merged result per target, in order."""
+    merged = [LoadResult() for _ in targets]
+    for _ in range(sizes.rounds):
+        for total, (port, path_of, visitors) in zip(merged, targets, strict=True):
+            one = await ingest(port, path_of, visitors, sizes)
+            total.requests += one.requests
+            total.seconds += one.seconds
+            total.latencies_ns += one.latencies_ns
+            for status, count in one.statuses.items():
+                total.statuses[status] = total.statuses.get(status, 0) + count
+    return merged
+
+
 def ingest_figures(result: LoadResult, ok_status: int = 200) -> dict[str, Any]:
     lat = ms(result.latencies_ns)
     return {
@@ -292,14 +312,38 @@ def ingest_figures(result: LoadResult, ok_status: int = 200) -> dict[str, Any]:
     }
 
 
-async def send_messages(service: ServiceProc, handoffs: list[str], sizes: Sizes) -> dict[str, Any]:
-    """SendMessage: one call at a time for latency, then ``send_concurrency`` callers (each
-    on a handoff of its own: a handoff's sends are serialised) for the rate."""
-    counter = itertools.count()
-    async with grpc.aio.insecure_channel(service.grpc_target) as channel:
-        stub = pb_grpc.HandoffServiceStub(channel)
+async def send_side_by_side(
+    service: ServiceProc,
+    handoffs: list[str],
+    standin_port: int,
+    bare_grpc_target: str,
+    sizes: Sizes,
+) -> dict[str, dict[str, Any]]:
+    """SendMessage beside httpx posting the same body to the stand-in directly, and beside a
+    unary call to the bare grpc.aio server (what the gRPC hop alone costs).
 
-        async def call(handoff_id: str) -> int:
+    Latency: one call at a time, the three kinds taking turns, so that a noisy neighbour
+    strikes them alike. Rate: ``send_concurrency`` callers (each SendMessage caller on a
+    handoff of its own: a handoff's sends are serialised), the service, then direct.
+    """
+    counter = itertools.count()
+    async with (
+        grpc.aio.insecure_channel(service.grpc_target) as channel,
+        grpc.aio.insecure_channel(bare_grpc_target) as bare_channel,
+        httpx.AsyncClient(
+            base_url=f"http://{HOST}:{standin_port}/v3",
+            headers={"api-key": STANDIN_API_KEY, "accept": "application/json"},
+            timeout=10,
+        ) as http,
+    ):
+        stub = pb_grpc.HandoffServiceStub(channel)
+        bare_stub = pb_grpc.HandoffServiceStub(bare_channel)
+        # The direct post goes to a visitor the stand-in knows: the first handoff's.
+        first = await stub.GetHandoff(pb.GetHandoffRequest(handoff_id=handoffs[0]))
+        visitor_id = first.handoff.visitor_id
+        hop_request = pb.GetHandoffRequest(handoff_id="bare")
+
+        async def send(handoff_id: str) -> int:
             n = next(counter)
             started = time.monotonic_ns()
             reply = await stub.SendMessage(
@@ -310,25 +354,7 @@ async def send_messages(service: ServiceProc, handoffs: list[str], sizes: Sizes)
             assert not reply.duplicate
             return time.monotonic_ns() - started
 
-        for _ in range(10):
-            await call(handoffs[0])  # warm the connections
-        sequential = [await call(handoffs[0]) for _ in range(sizes.send_calls)]
-        concurrent = await _concurrently(
-            [functools.partial(call, h) for h in handoffs[: sizes.send_concurrency]], sizes.send_s
-        )
-    return _call_figures(sequential, concurrent, sizes.send_s)
-
-
-async def direct_posts(standin_port: int, visitor_id: str, sizes: Sizes) -> dict[str, Any]:
-    """The same POST /v3/conversations/messages the service makes, straight from httpx."""
-    counter = itertools.count()
-    async with httpx.AsyncClient(
-        base_url=f"http://{HOST}:{standin_port}/v3",
-        headers={"api-key": STANDIN_API_KEY, "accept": "application/json"},
-        timeout=10,
-    ) as http:
-
-        async def call() -> int:
+        async def direct() -> int:
             n = next(counter)
             started = time.monotonic_ns()
             response = await http.post(
@@ -344,29 +370,32 @@ async def direct_posts(standin_port: int, visitor_id: str, sizes: Sizes) -> dict
             response.json()
             return time.monotonic_ns() - started
 
-        for _ in range(10):
-            await call()
-        sequential = [await call() for _ in range(sizes.send_calls)]
-        concurrent = await _concurrently([call] * sizes.send_concurrency, sizes.send_s)
-    return _call_figures(sequential, concurrent, sizes.send_s)
-
-
-async def bare_unary(grpc_target: str, sizes: Sizes) -> dict[str, Any]:
-    """A unary call to the bare grpc.aio server, one at a time: what the gRPC hop between a
-    bot and the service costs by itself."""
-    async with grpc.aio.insecure_channel(grpc_target) as channel:
-        stub = pb_grpc.HandoffServiceStub(channel)
-        request = pb.GetHandoffRequest(handoff_id="bare")
-
-        async def call() -> int:
+        async def hop() -> int:
             started = time.monotonic_ns()
-            await stub.GetHandoff(request)
+            await bare_stub.GetHandoff(hop_request)
             return time.monotonic_ns() - started
 
-        for _ in range(10):
-            await call()
-        sequential = [await call() for _ in range(sizes.send_calls)]
-    return {"sequential_calls": len(sequential), **latency_figures(ms(sequential))}
+        for _ in range(10):  # warm the connections
+            await send(handoffs[0])
+            await direct()
+            await hop()
+        sequential: dict[str, list[int]] = {"service": [], "direct": [], "hop": []}
+        for _ in range(sizes.send_calls):
+            sequential["service"].append(await send(handoffs[0]))
+            sequential["direct"].append(await direct())
+            sequential["hop"].append(await hop())
+        ours = await _concurrently(
+            [functools.partial(send, h) for h in handoffs[: sizes.send_concurrency]], sizes.send_s
+        )
+        theirs = await _concurrently([direct] * sizes.send_concurrency, sizes.send_s)
+    return {
+        "service": _call_figures(sequential["service"], ours, sizes.send_s),
+        "direct": _call_figures(sequential["direct"], theirs, sizes.send_s),
+        "grpc_hop": {
+            "sequential_calls": len(sequential["hop"]),
+            **latency_figures(ms(sequential["hop"])),
+        },
+    }
 
 
 async def _concurrently(callers: list[Callable[[], Awaitable[int]]], seconds: float) -> list[int]:
