@@ -124,6 +124,18 @@ async def test_what_a_webhook_reads(opener: Opener) -> None:
         {"m1"},
         {"s1"},
     )
+    # A webhook with thousands of messages (the backends read ids in chunks).
+    many = [f"x{n}" for n in range(2500)]
+    await reopened.commit(
+        Commit(
+            dataclasses.replace(active, version=1),
+            1,
+            seen_message_ids=tuple(many[::7]),
+            sent_message_ids=tuple(many[3::500]),
+        )
+    )
+    _, seen, sent = await reopened.read_for_webhook("ho_1", many)
+    assert (seen, sent) == (set(many[::7]), set(many[3::500]))
 
 
 async def test_commit_is_atomic_and_versioned(opener: Opener) -> None:

@@ -129,6 +129,7 @@ class RedisStore:
         self._create = self._redis.register_script(redis_scripts.CREATE)
         self._release_conversation = self._redis.register_script(redis_scripts.RELEASE_CONVERSATION)
         self._commit = self._redis.register_script(redis_scripts.COMMIT)
+        self._read_for_webhook = self._redis.register_script(redis_scripts.READ_FOR_WEBHOOK)
         self._listener: EventListener | None = None
         self._on_interrupt: InterruptListener | None = None
         self._tail_task: asyncio.Task[None] | None = None
@@ -412,22 +413,21 @@ class RedisStore:
         self, handoff_id: str, message_ids: Sequence[str]
     ) -> tuple[Handoff | None, set[str], set[str]]:
         unique = list(dict.fromkeys(message_ids))
-
-        async def read() -> list[Any]:
-            # One round trip for the record and both sets.
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hget(self._k("h", handoff_id), "rec")
-                if unique:
-                    pipe.smismember(self._k("seen", handoff_id), unique)
-                    pipe.smismember(self._k("sent", handoff_id), unique)
-                replies: list[Any] = await pipe.execute()
-            return replies
-
-        replies = await self._call("read a handoff and message ids", read())
-        if not replies[0]:
+        replies: list[Any] = await self._call(
+            "read a handoff and message ids",
+            self._read_for_webhook(
+                keys=[
+                    self._k("h", handoff_id),
+                    self._k("seen", handoff_id),
+                    self._k("sent", handoff_id),
+                ],
+                args=unique,
+            ),
+        )
+        if not replies or not replies[0]:
             return None, set(), set()
         handoff = handoff_from_json(str(replies[0]))
-        if not unique:
+        if len(replies) < 3:
             return handoff, set(), set()
         return (
             handoff,
