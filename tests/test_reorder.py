@@ -175,3 +175,18 @@ def test_a_transcript_flushes_what_is_held_before_the_end() -> None:
     assert plan.events[-1].payload == HandoffEnded(EndReason.AGENT_CLOSED)
     assert plan.handoff.held == ()
     assert plan.handoff.state is HandoffState.ENDED
+
+
+def test_arriving_messages_join_those_held_before_they_are_judged() -> None:
+    waiting = dataclasses.replace(HANDOFF, held=(held("m2", 20, 1000),))
+    # Not due yet: both are held, the older one first in arrival order as given.
+    kept, events = release_held(waiting, 1050, arriving=(held("m1", 10, 1040),))
+    assert events == ()
+    assert [m.message.brevo_message_id for m in kept.held] == ["m2", "m1"]
+    # m2 is due: m1, created before it, goes first though it arrived later.
+    released, events = release_held(waiting, 1100, arriving=(held("m1", 10, 1040),))
+    assert ids(events) == ["AgentJoined", "m1", "m2"]
+    assert released.held == ()
+    assert released.state is HandoffState.ACTIVE
+    # Nothing held and nothing arriving: the very same record.
+    assert release_held(HANDOFF, 1100, arriving=()) == (HANDOFF, ())

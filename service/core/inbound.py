@@ -126,16 +126,15 @@ def plan_inbound(
         )
 
     transcript = event.event_name == CONVERSATION_TRANSCRIPT
-    changed, released = release_held(
-        dataclasses.replace(
-            handoff,
-            held=(*handoff.held, *held),
-            no_agent_available=no_agent,
-            brevo_conversation_id=brevo_conversation_id,
-        ),
-        now_ms,
-        flush=transcript,
-    )
+    base = handoff
+    if (no_agent, brevo_conversation_id) != (
+        handoff.no_agent_available,
+        handoff.brevo_conversation_id,
+    ):
+        base = dataclasses.replace(
+            handoff, no_agent_available=no_agent, brevo_conversation_id=brevo_conversation_id
+        )
+    changed, released = release_held(base, now_ms, flush=transcript, arriving=tuple(held))
     events += released
     if transcript:
         events.append(NewEvent(now_ms, HandoffEnded(EndReason.AGENT_CLOSED), received))

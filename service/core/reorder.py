@@ -21,29 +21,37 @@ from service.core.models import (
     AgentJoined,
     Handoff,
     HandoffState,
+    HeldMessage,
     NewEvent,
 )
 
 
 def release_held(
-    handoff: Handoff, now_ms: int, *, flush: bool = False
+    handoff: Handoff,
+    now_ms: int,
+    *,
+    flush: bool = False,
+    arriving: tuple[HeldMessage, ...] = (),
 ) -> tuple[Handoff, tuple[NewEvent, ...]]:
     """The handoff with its due held messages moved to events, and those events.
 
+    ``arriving``: messages to hold after those the handoff holds already (one copy of the
+    record for both: a webhook's messages usually go straight through).
     Due: every held message whose release time has come, and every one created no later
     than the newest of those (it must go first). ``flush`` releases all of them (the
     handoff is ending). An agent's first message is preceded by ``AgentJoined``.
     """
-    if not handoff.held:
+    holding = (*handoff.held, *arriving) if arriving else handoff.held
+    if not holding:
         return handoff, ()
     # Stable: messages created at the same time keep their arrival order.
-    ordered = sorted(handoff.held, key=lambda m: m.created_at_ms)
+    ordered = sorted(holding, key=lambda m: m.created_at_ms)
     if flush:
         cut = len(ordered)
     else:
         due = [m.created_at_ms for m in ordered if m.release_at_ms <= now_ms]
         if not due:
-            return handoff, ()
+            return (dataclasses.replace(handoff, held=holding) if arriving else handoff), ()
         newest_due = max(due)
         cut = sum(1 for m in ordered if m.created_at_ms <= newest_due)
     released, kept = ordered[:cut], ordered[cut:]
