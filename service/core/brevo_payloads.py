@@ -86,6 +86,8 @@ MAX_TIME_MS = 253_402_300_799_999
 def _clean(value: str) -> str:
     """``value`` without lone surrogates (JSON can escape them; nothing downstream can store
     or send them): each becomes '?'."""
+    if value.isascii():  # most texts: nothing to look for
+        return value
     return value.encode("utf-8", "replace").decode("utf-8")
 
 

@@ -352,10 +352,10 @@ class SqliteStore:
     async def commit(self, commit: Commit) -> list[StoredEvent]:
         """Queues ``commit`` for the next group commit and returns once it is durable.
 
-        Commits made while the event loop is busy go to SQLite together, at its next turn:
-        one transaction, each commit in a savepoint of its own, so a commit refused for
-        its version leaves the others whole. A transaction's fixed cost (the write-ahead
-        log append) was a fifth of a webhook's CPU when each commit had its own.
+        Commits made while the event loop is busy go to SQLite together, at its next turn,
+        in one transaction; a commit refused for its version leaves the others whole. A
+        transaction's fixed cost (the write-ahead log append) was a fifth of a webhook's
+        CPU when each commit had its own.
         """
         if self._closed:
             raise StoreUnavailable("the store is closed")
@@ -394,7 +394,11 @@ class SqliteStore:
 
     def _apply_batch(self, batch: list[_Queued]) -> list[list[StoredEvent] | Exception]:
         """One transaction for the whole batch; the outcome of each commit, in batch order.
-        Never raises: a failure is the outcome of the commits it struck."""
+
+        A commit refused for its version is refused by its first statement, before it
+        wrote anything: the others go on. Any other failure rolls the whole batch back
+        (each of its commits then raises it). Never raises.
+        """
         try:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
@@ -402,18 +406,11 @@ class SqliteStore:
             return [_unavailable(exc)] * len(batch)
         outcomes: list[list[StoredEvent] | Exception] = []
         try:
-            alone = len(batch) == 1  # no savepoint needed: the transaction is the commit
             for commit, _ in batch:
-                if alone:
-                    outcomes.append(self._apply(db, commit))
-                    continue
-                db.execute("SAVEPOINT one_commit")
                 try:
                     outcomes.append(self._apply(db, commit))
-                except Exception as exc:  # this commit's own failure: the others go on
-                    db.execute("ROLLBACK TO one_commit")
-                    outcomes.append(_unavailable(exc))
-                db.execute("RELEASE one_commit")
+                except ConcurrentUpdate as exc:
+                    outcomes.append(exc)
             db.execute("COMMIT")
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -440,6 +437,8 @@ class SqliteStore:
                 done.set_result(outcome)
 
     def _apply(self, db: sqlite3.Connection, commit: Commit) -> list[StoredEvent]:
+        """Writes one commit; its first statement checks the version (and writes nothing
+        when it is stale)."""
         h = commit.handoff
         updated = db.execute(
             "UPDATE handoffs SET state = ?, brevo_conversation_id = ?, version = ?,"
