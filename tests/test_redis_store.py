@@ -9,6 +9,7 @@ import logging
 import secrets
 import shutil
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -349,3 +350,41 @@ async def test_a_feed_that_fell_behind_the_trimming_says_so(
     await until(lambda: feed.events[-1] == stored[-1], what="the feed catches up")
     later = feed.events[2:]
     assert later == stored[-len(later) :]
+
+
+async def test_a_redis_that_stops_answering_times_out_and_recovers(
+    private_redis: RedisServer,
+) -> None:
+    """SIGSTOP: the connection stays open but nothing answers. Every call gives up after
+    ``timeout_s``; once Redis answers again, no reply is read out of turn (a connection
+    whose command timed out is dropped, not reused)."""
+    assert private_redis.process is not None
+    store = await RedisStore.open(RedisSettings(private_redis.url, prefix="{p}", timeout_s=0.5))
+    try:
+        h, _ = await store.create_handoff(sample_handoff(1))
+        before = await add_events(store, "ho_1", 2)
+        private_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            for call in (
+                store.get_handoff("ho_1"),
+                store.read_for_webhook("ho_1", ["m1"]),
+                store.commit(Commit(h, 2, events=(NewEvent(9, NoAgentAvailable()),))),
+            ):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.5 s"):
+                    await call
+                assert time.monotonic() - started < 2.0
+        finally:
+            private_redis.process.send_signal(signal.SIGCONT)
+        # The commit may or may not have reached Redis before it stopped: either way each
+        # answer now is the answer to its own question.
+        stored = await store.get_handoff("ho_1")
+        assert stored is not None
+        assert stored.id == "ho_1"
+        assert stored.version in (2, 3)
+        events = await store.read_events("ho_1", 0, 10)
+        assert events[:2] == before
+        assert [e.payload for e in events[2:]] in ([], [NoAgentAvailable()])
+        assert await store.read_for_webhook("ho_1", []) == (stored, set(), set())
+    finally:
+        await store.close()
