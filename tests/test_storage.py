@@ -364,3 +364,22 @@ async def test_held_due_lists_handoffs_holding_messages_by_release_time(opener: 
     await store.close()
     reopened = await opener()
     assert [h.id for h in await reopened.held_due(10_000)] == ["ho_1"]
+
+
+async def test_a_sqlite_file_has_one_process_at_a_time(tmp_path: Path) -> None:
+    """The SQLite store keeps records in memory, so a second writer would make them stale:
+    it is refused with what to do instead, and the file is free again once closed."""
+    path = str(tmp_path / "one.db")
+    first = await SqliteStore.open(path)
+    try:
+        with pytest.raises(StoreUnavailable) as refused:
+            await SqliteStore.open(path)
+        assert str(refused.value) == (
+            "the SQLite store failed: another process is using this file; each process needs "
+            "a HANDOFF_SQLITE_PATH of its own, and replicas that share their state need "
+            "REDIS_URL"
+        )
+    finally:
+        await first.close()
+    second = await SqliteStore.open(path)
+    await second.close()

@@ -19,7 +19,9 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import functools
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -101,6 +103,22 @@ RECORDS_CACHED = 4096
 _Queued = tuple[Commit, "asyncio.Future[list[StoredEvent]]"]
 
 
+def _only_writer(path: str) -> int:
+    """Locks ``<path>.lock`` for this process (the kernel lets go when the process ends,
+    however it ends). A second process on the same file would see records this one keeps
+    in memory go stale: it is refused, with what to do instead."""
+    descriptor = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise sqlite3.OperationalError(
+            "another process is using this file; each process needs a HANDOFF_SQLITE_PATH "
+            "of its own, and replicas that share their state need REDIS_URL"
+        ) from None
+    return descriptor
+
+
 def _unavailable(exc: Exception) -> Exception:
     """What a commit that failed with ``exc`` raises."""
     if isinstance(exc, sqlite3.Error):
@@ -121,6 +139,7 @@ class SqliteStore:
         )
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None  # used on the executor's thread only
+        self._lock_file: int | None = None  # held while open: this process is the writer
         # Statements on the event loop unless a commit may wait for the disk (see above).
         self._inline = self._synchronous in ("OFF", "NORMAL") and path != ":memory:"
         self._listener: EventListener | None = None
@@ -147,7 +166,21 @@ class SqliteStore:
     def _connect(self) -> None:
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            self._lock_file = _only_writer(self._path)
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            try:
+                self._conn = self._prepare(conn)
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException:
+            if self._lock_file is not None:
+                os.close(self._lock_file)
+                self._lock_file = None
+            raise
+
+    def _prepare(self, conn: sqlite3.Connection) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
@@ -162,7 +195,7 @@ class SqliteStore:
             "CREATE INDEX IF NOT EXISTS handoffs_held ON handoffs (release_at_ms)"
             " WHERE release_at_ms IS NOT NULL"
         )
-        self._conn = conn
+        return conn
 
     def set_listener(self, listener: EventListener, on_interrupt: InterruptListener) -> None:
         """``on_interrupt`` is never called: commits and delivery happen in this process."""
@@ -599,6 +632,9 @@ class SqliteStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._lock_file is not None:
+                os.close(self._lock_file)  # releases the lock
+                self._lock_file = None
 
         try:
             if self._inline:
