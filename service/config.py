@@ -150,7 +150,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "HANDOFF_HTTP_PORT", "--http-port", "8080", "Webhook gateway port (0 picks a free one)."
     ),
-    Setting("HANDOFF_SQLITE_PATH", "--sqlite-path", "data/handoff.db", "SQLite file of the store."),
+    Setting(
+        "HANDOFF_SQLITE_PATH",
+        "--sqlite-path",
+        "data/handoff.db",
+        "SQLite file of the store. One process at a time (it keeps records in memory; a "
+        "second one is refused at start-up): replicas that share their state need "
+        "`REDIS_URL`.",
+    ),
     Setting(
         "HANDOFF_SQLITE_SYNCHRONOUS",
         "--sqlite-synchronous",
