@@ -107,7 +107,7 @@ class RedisStore:
         self._held_key = f"{p}:held"
         # Visitor id -> handoff id never changes once created (the service makes a new
         # visitor id for each handoff), so each process remembers the newest ones: a
-        # webhook's routing then costs one round trip instead of two.
+        # webhook's routing then costs no round trip: a webhook makes two, its read and its commit.
         self._handoff_of_visitor: OrderedDict[str, str] = OrderedDict()
         # Few, quick retries: a caller must learn soon that Redis is gone. Commits are safe
         # to resend (each carries a token the COMMIT script recognises).
