@@ -157,6 +157,17 @@ class NewEvent:
     # When what caused it reached the service (a webhook's arrival), for the latency metric.
     received_at_ms: int = 0
 
+    def stored(self, seq: int, handoff: Handoff) -> StoredEvent:
+        """This event as the log holds it, at position ``seq``."""
+        return StoredEvent(
+            seq,
+            handoff.id,
+            handoff.conversation_id,
+            self.occurred_at_ms,
+            self.payload,
+            self.received_at_ms,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:

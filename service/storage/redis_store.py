@@ -387,17 +387,7 @@ class RedisStore:
         if status in ("conflict", "missing"):
             raise ConcurrentUpdate(f"handoff {h.id} changed since it was read")
         seqs = [int(s) for s in str(reply[1]).split(",") if s]
-        return [
-            StoredEvent(
-                seq,
-                h.id,
-                h.conversation_id,
-                event.occurred_at_ms,
-                event.payload,
-                event.received_at_ms,
-            )
-            for seq, event in zip(seqs, commit.events, strict=True)
-        ]
+        return [event.stored(seq, h) for seq, event in zip(seqs, commit.events, strict=True)]
 
     # --- message ids ----------------------------------------------------------------------
 

@@ -309,15 +309,17 @@ class SqliteStore:
             self._records.move_to_end(handoff_id)
         return handoff
 
-    async def get_handoff(self, handoff_id: str) -> Handoff | None:
-        cached = self._cached(handoff_id)
+    async def _lookup(self, cached_id: str | None, column: str, value: str) -> Handoff | None:
+        """The remembered record of ``cached_id``, else the one whose ``column`` is
+        ``value`` in the file (remembered from then on)."""
+        cached = self._cached(cached_id)
         if cached is not None:
             return cached
-        return self._remembered(
-            await self._run(
-                lambda: self._one("SELECT record FROM handoffs WHERE id = ?", (handoff_id,))
-            )
-        )
+        sql = f"SELECT record FROM handoffs WHERE {column} = ?"  # noqa: S608 (fixed names)
+        return self._remembered(await self._run(lambda: self._one(sql, (value,))))
+
+    async def get_handoff(self, handoff_id: str) -> Handoff | None:
+        return await self._lookup(handoff_id, "id", handoff_id)
 
     async def find_open_by_conversation(self, conversation_id: str) -> Handoff | None:
         return await self._run(
@@ -328,14 +330,7 @@ class SqliteStore:
         )
 
     async def find_by_visitor(self, visitor_id: str) -> Handoff | None:
-        cached = self._cached(self._by_visitor.get(visitor_id))
-        if cached is not None:
-            return cached
-        return self._remembered(
-            await self._run(
-                lambda: self._one("SELECT record FROM handoffs WHERE visitor_id = ?", (visitor_id,))
-            )
-        )
+        return await self._lookup(self._by_visitor.get(visitor_id), "visitor_id", visitor_id)
 
     async def handoff_id_of_visitor(self, visitor_id: str) -> str | None:
         cached = self._by_visitor.get(visitor_id)
@@ -503,16 +498,7 @@ class SqliteStore:
             )
             seq = cursor.lastrowid
             assert seq is not None
-            stored.append(
-                StoredEvent(
-                    seq,
-                    h.id,
-                    h.conversation_id,
-                    event.occurred_at_ms,
-                    event.payload,
-                    event.received_at_ms,
-                )
-            )
+            stored.append(event.stored(seq, h))
         if commit.seen_message_ids:
             db.executemany(
                 "INSERT OR IGNORE INTO seen_messages VALUES (?,?)",
