@@ -10,6 +10,9 @@ and back costs about 100 µs of CPU, several times the work. Reads that can be l
 stream's replay, the sweeps) go to a second, read-only connection on a thread of its own,
 so that they never hold the loop. With FULL or EXTRA every commit waits for the disk, and
 the writing connection runs on that thread too.
+
+Commits made in one turn of the event loop share a transaction (a group commit), and
+handoff records stay in memory once read or written: one process uses a file at a time.
 """
 
 from __future__ import annotations
@@ -95,9 +98,9 @@ _READ_HANDOFF_EVENTS = (
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
-# Handoff records kept in memory, the most recently used first out of it last. This process
-# is the only writer of its file (more than one replica needs Redis), so a record it wrote or
-# read stays true until it writes it again; a commit still checks the version in the file.
+# Handoff records kept in memory, the least recently used dropped first. This process is the
+# only writer of its file (a lock beside it says so; several replicas need Redis), so a record
+# it wrote or read stays true until it writes it again; a commit still checks the version.
 RECORDS_CACHED = 4096
 
 _Queued = tuple[Commit, "asyncio.Future[list[StoredEvent]]"]
