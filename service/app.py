@@ -151,7 +151,15 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
             agent_reply_delay_s=config.sandbox_agent_delay_s,
             user_prefix=config.user_prefix,
         )
-        sandbox_http = await start_http_server(sandbox.app, "127.0.0.1", config.sandbox_port)
+        try:
+            sandbox_http = await start_http_server(sandbox.app, "127.0.0.1", config.sandbox_port)
+        except OSError as exc:
+            await sandbox.aclose()
+            raise StartupError(
+                f"cannot listen for the built-in Brevo sandbox on port {config.sandbox_port}: "
+                f"{exc}; set SANDBOX_PORT to a free port (0 picks one), or BREVO_API_KEY to "
+                "use Brevo itself"
+            ) from None
         base_url = f"{sandbox_http.base_url}/v3"
 
     metrics = Metrics()

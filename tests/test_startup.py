@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from service.config import SETTINGS, load_config
 from service.http_server import RunningHttpServer, start_http_server
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
+from service.storage.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "xkeysib-0123456789abcdef-TestSecretKey"
@@ -116,6 +118,41 @@ async def test_a_missing_or_bad_setting_is_named(
     assert out.startswith("configuration error:")
     assert named in out
     assert API_KEY not in out
+
+
+async def test_a_port_or_a_file_already_taken_stops_start_up_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """Another program on the sandbox's port, another process on the SQLite file: one line
+    that says what to change, and exit code 1, never a traceback."""
+    env = base_env(tmp_path)
+    env["WEBHOOK_TOKEN"] = TOKEN
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env["SANDBOX_PORT"] = str(taken.getsockname()[1])
+        code, out = await run_to_exit(env)
+    assert code == 1
+    assert "Traceback" not in out
+    lines = [line for line in out.splitlines() if line.startswith("cannot start:")]
+    assert lines == [
+        f"cannot start: cannot listen for the built-in Brevo sandbox on port "
+        f"{env['SANDBOX_PORT']}: [Errno 98] Address already in use; set SANDBOX_PORT to a "
+        "free port (0 picks one), or BREVO_API_KEY to use Brevo itself"
+    ], out
+
+    env["SANDBOX_PORT"] = "0"
+    holder = await SqliteStore.open(env["HANDOFF_SQLITE_PATH"])  # the other process
+    try:
+        code, out = await run_to_exit(env)
+    finally:
+        await holder.close()
+    assert code == 1
+    assert "Traceback" not in out
+    lines = [line for line in out.splitlines() if line.startswith("cannot start:")]
+    assert len(lines) == 1, out
+    assert "another process is using this file" in lines[0]
+    assert env["HANDOFF_SQLITE_PATH"] in lines[0]
 
 
 async def wait_for_line(stream: asyncio.StreamReader, needle: str, lines: list[str]) -> None:
