@@ -178,7 +178,7 @@ async def test_a_handoffs_keys_expire_after_the_retention(
     finally:
         await raw.aclose()
     assert await store.get_handoff("ho_1") is None
-    assert await store.known_message_ids("ho_1", ["seen-1"]) == (set(), set())
+    assert await store.read_for_webhook("ho_1", ["seen-1"]) == (None, set(), set())
     assert await store.find_by_visitor("hf_1") is None
 
 

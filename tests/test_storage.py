@@ -32,6 +32,13 @@ from service.storage.sqlite import SqliteStore
 Opener = Callable[[], Awaitable[HandoffStore]]
 
 
+async def known(store: HandoffStore, handoff_id: str, ids: list[str]) -> tuple[set[str], set[str]]:
+    """Which of ``ids`` the handoff has seen, and which it sent (it must exist)."""
+    handoff, seen, sent = await store.read_for_webhook(handoff_id, ids)
+    assert handoff is not None
+    return seen, sent
+
+
 @pytest.fixture(params=["sqlite", "sqlite-full", "redis"])
 async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
     """Opens the backend on the same durable location each time it is called.
@@ -165,11 +172,11 @@ async def test_commit_is_atomic_and_versioned(opener: Opener) -> None:
             Commit(h, 0, events=(NewEvent(7, NoAgentAvailable()),), seen_message_ids=("m3",))
         )
     assert await store.read_events("ho_1", 0, 100) == stored
-    assert await store.known_message_ids("ho_1", ["m1", "m2", "m3", "s1"]) == (
+    assert await known(store, "ho_1", ["m1", "m2", "m3", "s1"]) == (
         {"m1", "m2"},
         {"s1"},
     )
-    assert await store.known_message_ids("ho_1", []) == (set(), set())
+    assert await known(store, "ho_1", []) == (set(), set())
     assert await store.client_message("ho_1", "c1") == "s1"
     assert await store.client_message("ho_1", "c2") is None
     current = await store.get_handoff("ho_1")
@@ -269,10 +276,10 @@ async def test_commits_made_at_once_stand_or_fall_alone(opener: Opener) -> None:
     assert received == [*first, *everything]
     assert await store.read_events(None, 0, 100) == received
     # Nothing of the refused commit landed; all of the others did.
-    assert await store.known_message_ids("ho_0", ["stale"]) == (set(), set())
+    assert await known(store, "ho_0", ["stale"]) == (set(), set())
     assert await store.client_message("ho_0", "c") == "b"
     for n in range(1, 6):
-        assert await store.known_message_ids(f"ho_{n}", [f"m{n}"]) == ({f"m{n}"}, set())
+        assert await known(store, f"ho_{n}", [f"m{n}"]) == ({f"m{n}"}, set())
         stored = await store.get_handoff(f"ho_{n}")
         assert stored is not None
         assert (stored.state, stored.version) == (HandoffState.ACTIVE, 1)
@@ -320,7 +327,7 @@ async def test_everything_survives_reopening(opener: Opener) -> None:
     reopened = await opener()
     assert await reopened.get_handoff("ho_1") == dataclasses.replace(ended, version=1)
     assert await reopened.read_events("ho_1", 0, 10) == stored
-    assert await reopened.known_message_ids("ho_1", ["x"]) == ({"x"}, set())
+    assert await known(reopened, "ho_1", ["x"]) == ({"x"}, set())
     assert await reopened.client_message("ho_1", "c") == "b"
     later, _ = await reopened.create_handoff(sample_handoff(2))
     new = await reopened.commit(Commit(later, 0, events=(NewEvent(1, NoAgentAvailable()),)))

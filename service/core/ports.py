@@ -63,18 +63,12 @@ class HandoffStore(Protocol):
         """Applies the change atomically; raises ConcurrentUpdate on a version mismatch."""
         ...
 
-    async def known_message_ids(
-        self, handoff_id: str, ids: Sequence[str]
-    ) -> tuple[set[str], set[str]]:
-        """Which of ``ids`` were already handled (emitted or dropped) for this handoff, and
-        which are messages the service itself posted to Brevo: one read, for a webhook."""
-        ...
-
     async def read_for_webhook(
         self, handoff_id: str, message_ids: Sequence[str]
     ) -> tuple[Handoff | None, set[str], set[str]]:
-        """The handoff (None when there is none) with ``known_message_ids(message_ids)``:
-        everything a webhook needs before it is planned, in one read."""
+        """Everything a webhook needs before it is planned, in one read: the handoff (None
+        when there is none, and then no ids), which of ``message_ids`` were already handled
+        (emitted or dropped) for it, and which are messages the service itself posted."""
         ...
 
     async def client_message(self, handoff_id: str, client_message_id: str) -> str | None:

@@ -391,27 +391,6 @@ class RedisStore:
 
     # --- message ids ----------------------------------------------------------------------
 
-    async def known_message_ids(
-        self, handoff_id: str, ids: Sequence[str]
-    ) -> tuple[set[str], set[str]]:
-        unique = list(dict.fromkeys(ids))
-        if not unique:
-            return set(), set()
-
-        async def both() -> list[list[int]]:
-            # One round trip for the two sets.
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.smismember(self._k("seen", handoff_id), unique)
-                pipe.smismember(self._k("sent", handoff_id), unique)
-                replies: list[list[int]] = await pipe.execute()
-            return replies
-
-        seen, sent = await self._call("read message ids", both())
-        return (
-            {m for m, known in zip(unique, seen, strict=True) if known},
-            {m for m, known in zip(unique, sent, strict=True) if known},
-        )
-
     async def read_for_webhook(
         self, handoff_id: str, message_ids: Sequence[str]
     ) -> tuple[Handoff | None, set[str], set[str]]:

@@ -521,11 +521,6 @@ class SqliteStore:
 
     # --- message ids ----------------------------------------------------------------------
 
-    async def known_message_ids(
-        self, handoff_id: str, ids: Sequence[str]
-    ) -> tuple[set[str], set[str]]:
-        return await self._run(lambda: self._known(handoff_id, ids))
-
     def _known(self, handoff_id: str, ids: Sequence[str]) -> tuple[set[str], set[str]]:
         """One statement for both tables (a webhook carries a message or a few)."""
         seen: set[str] = set()
@@ -551,7 +546,7 @@ class SqliteStore:
         handoff = await self.get_handoff(handoff_id)
         if handoff is None:
             return None, set(), set()
-        seen, sent = await self.known_message_ids(handoff_id, message_ids)
+        seen, sent = await self._run(lambda: self._known(handoff_id, message_ids))
         return handoff, seen, sent
 
     async def client_message(self, handoff_id: str, client_message_id: str) -> str | None:
