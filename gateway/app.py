@@ -11,7 +11,6 @@ import logging
 import secrets
 import time
 
-import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -21,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from service.core import errors
 from service.core.access import SourceAllowList, TokenSet
 from service.core.brevo_payloads import InvalidPayload
+from service.core.codec import json_text
 from service.core.handoffs import HandoffManager
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
 
@@ -35,18 +35,11 @@ class _Disconnected(Exception):
     pass
 
 
-def _json_bytes(answer: dict[str, object]) -> bytes:
-    try:
-        return orjson.dumps(answer)
-    except TypeError:  # a text orjson refuses (a lone surrogate): the standard library escapes it
-        return json.dumps(answer, separators=(",", ":")).encode()
-
-
 class BrevoWebhook:
     """``POST /webhooks/brevo/{token}``, as a plain ASGI app inside the Starlette router.
 
     The hot route: every agent message arrives through it. Starlette's Request and
-    JSONResponse around it cost more than its own checks did (make bench's profile), so it
+    JSONResponse around it cost more than its own checks did (py-spy, make bench's load), so it
     reads the scope, the body and answers itself; the other routes are ordinary endpoints.
     """
 
@@ -67,7 +60,7 @@ class BrevoWebhook:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         status, answer = await self._answer(scope, receive)
-        body = _json_bytes(answer)
+        body = json_text(answer).encode()
         await send(
             {
                 "type": "http.response.start",

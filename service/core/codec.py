@@ -1,9 +1,9 @@
 """JSON forms of handoffs and event payloads, shared by every storage backend.
 
 Encoded with orjson: a handoff record is written on every change, and the standard library's
-encoder was a tenth of a webhook's CPU in make bench's profile. What orjson cannot encode
-(nothing the service makes today: texts arrive without lone surrogates, numbers within 64
-bits) falls back to the standard library, so a record is never refused for its contents.
+encoder was a tenth of a webhook's CPU in a py-spy profile under make bench's load. What
+orjson cannot encode (nothing the service makes today: texts arrive without lone surrogates,
+numbers within 64 bits) falls back to the standard library, so nothing is refused for it.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def _attachment(raw: object) -> Attachment:
     )
 
 
-def _dumps(obj: JsonObject) -> str:
+def json_text(obj: JsonObject) -> str:
+    """Compact JSON: orjson, or the standard library for what orjson refuses."""
     try:
         return orjson.dumps(obj).decode()
     except TypeError:
@@ -75,7 +76,7 @@ def _dumps(obj: JsonObject) -> str:
 
 def handoff_to_json(h: Handoff, *, version: int | None = None) -> str:
     """``h`` as stored; ``version`` (default ``h.version``) is the version to store it at."""
-    return _dumps(
+    return json_text(
         {
             "id": h.id,
             "conversation_id": h.conversation_id,
@@ -145,7 +146,7 @@ def _held(raw: object) -> HeldMessage:
 
 
 def payload_to_json(payload: EventPayload) -> str:
-    return _dumps(_payload_json(payload))
+    return json_text(_payload_json(payload))
 
 
 def _payload_json(payload: EventPayload) -> JsonObject:

@@ -26,7 +26,7 @@ return ARGV[1]
 """
 
 # What a webhook reads, in one command: a pipeline of three cost a quarter of a webhook's
-# CPU on Redis in make bench's profile. Read-only.
+# CPU on Redis in a py-spy profile under make bench's load. Read-only.
 # KEYS: 1 handoff hash, 2 seen-ids set, 3 sent-ids set. ARGV: the message ids (unique).
 # Returns {record or nil} when there is no record or no id, else {record, seen, sent}:
 # one 0/1 flag per id in each.

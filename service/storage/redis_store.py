@@ -112,9 +112,10 @@ class RedisStore:
         # Few, quick retries: a caller must learn soon that Redis is gone. Commits are safe
         # to resend (each carries a token the COMMIT script recognises).
         # No socket_timeout: redis-py then wraps every send in asyncio.wait_for, a task per
-        # command (a tenth of a webhook's CPU in make bench's profile). Every command goes
-        # through _call instead, which bounds it with asyncio.timeout; redis-py drops a
-        # connection whose command was cancelled, so no reply is ever read out of turn.
+        # command (a tenth of a webhook's CPU in a py-spy profile under make bench's load).
+        # Every command goes through _call instead, which bounds it with asyncio.timeout;
+        # redis-py drops a connection whose command was cancelled, so no reply is ever read
+        # out of turn.
         self._redis = aioredis.Redis.from_url(
             settings.url,
             decode_responses=True,
