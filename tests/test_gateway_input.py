@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
-from support import Harness, all_summaries, fixture
+from support import Harness, agent_fragment, all_summaries, fixture
 
 MARTA = "HmN3bV7cX2zL9kJ4q"
 
@@ -32,6 +32,53 @@ async def test_wrong_token_is_404_and_stores_nothing(harness: Harness) -> None:
         assert response.status_code == 404
         assert response.json() == {"error": "not found"}
     assert await stored_event_count(harness) == before
+
+
+async def test_paths_beside_the_webhook_get_routing_answers_and_store_nothing(
+    harness: Harness,
+) -> None:
+    """The webhook POST skips Starlette's router; every other request still goes through it."""
+    handoff = await harness.start_handoff()
+    await harness.settle()
+    before = await stored_event_count(harness)
+    token = harness.running.config.webhook_token.reveal()
+    body = json.dumps(agent_fragment(handoff.visitor_id, "beside-1", "are you there?"))
+    base = harness.webhook_url.removesuffix(token)
+    for method, url, status in (
+        ("GET", harness.webhook_url, 405),
+        ("PUT", harness.webhook_url, 405),
+        ("POST", f"{harness.webhook_url}/extra", 404),
+        ("POST", f"{base}{token}/", 307),  # Starlette's redirect to the path without it
+        ("POST", base, 404),
+        ("POST", base.removesuffix("/"), 404),
+    ):
+        response = await harness.http.request(method, url, content=body)
+        assert (method, url.removeprefix(base), response.status_code) == (
+            method,
+            url.removeprefix(base),
+            status,
+        )
+    assert await stored_event_count(harness) == before
+    response = await harness.http.post(harness.webhook_url, content=body)
+    assert response.status_code == 200
+    # The agent joined, and their message: the same body, now at the webhook's own path.
+    assert response.json() == {"outcome": "stored", "events": 2}
+    assert await stored_event_count(harness) == before + 2
+
+
+async def test_json_the_fast_decoder_refuses_is_still_read(harness: Harness) -> None:
+    """The gateway decodes with orjson and falls back to the standard library: a lone
+    surrogate escape (which orjson refuses) still arrives, as '?'."""
+    handoff = await harness.start_handoff()
+    await harness.settle()
+    body = json.dumps(agent_fragment(handoff.visitor_id, "surrogate-1", "PLACEHOLDER"))
+    response = await harness.post(body.replace("PLACEHOLDER", "half \\ud800 a pair").encode())
+    assert response.json() == {"outcome": "stored", "events": 2}
+    events = await harness.collect(handoff.id, 2)
+    assert all_summaries(events) == [
+        ("joined", MARTA, ""),
+        ("message", "surrogate-1", MARTA, "", "half ? a pair"),
+    ]
 
 
 async def test_oversized_body_is_413(harness: Harness) -> None:
