@@ -64,6 +64,14 @@ def release_held(
             agents.append(agent)
             events.append(NewEvent(held.created_at_ms, AgentJoined(agent), held.arrived_at_ms))
         events.append(NewEvent(held.created_at_ms, held.message, held.arrived_at_ms))
+    if (
+        not kept
+        and not handoff.held
+        and len(agents) == len(handoff.agents)
+        and handoff.state is HandoffState.ACTIVE
+        and not handoff.no_agent_available
+    ):
+        return handoff, tuple(events)  # the usual reply: the record stays as it was
     changed = dataclasses.replace(
         handoff,
         held=tuple(kept),
