@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from service.core.models import (
     StoredEvent,
 )
 from service.core.ports import HandoffStore
+from service.storage import sqlite as sqlite_module
 from service.storage.redis_store import RedisSettings, RedisStore
 from service.storage.sqlite import SqliteStore
 
@@ -390,3 +392,56 @@ async def test_a_sqlite_file_has_one_process_at_a_time(tmp_path: Path) -> None:
         await first.close()
     second = await SqliteStore.open(path)
     await second.close()
+
+
+async def test_sqlite_answers_known_ids_from_memory_and_only_what_the_file_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQLite store keeps a handoff's few message ids beside its record: the second
+    webhook's ids are answered without a statement, a commit rolled back leaves none of its
+    ids behind, and a handoff past the limit is asked of the file each time."""
+    store = await SqliteStore.open(str(tmp_path / "ids.db"))
+    statements: list[str] = []
+    store._db().set_trace_callback(statements.append)  # the store's own writing connection
+
+    def id_reads() -> int:
+        return sum("FROM seen_messages" in s for s in statements)
+
+    try:
+        h, _ = await store.create_handoff(sample_handoff(1))
+        assert await known(store, "ho_1", ["m1"]) == (set(), set())
+        assert id_reads() == 1  # the first webhook reads the handoff's ids once
+        active = dataclasses.replace(h, state=HandoffState.ACTIVE)
+        await store.commit(Commit(active, 0, seen_message_ids=("m1",), sent_message_ids=("s1",)))
+        assert await known(store, "ho_1", ["m1", "s1", "m2"]) == ({"m1"}, {"s1"})
+        assert id_reads() == 1
+
+        # A batch that fails as a whole: its ids must not be taken for seen.
+        real = sqlite_module.payload_to_json
+
+        def failing(payload: object) -> str:
+            if isinstance(payload, AgentMessage) and payload.text == "boom":
+                raise sqlite3.OperationalError("disk I/O error")
+            return real(payload)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(sqlite_module, "payload_to_json", failing)
+        boom = NewEvent(1, AgentMessage("m2", Agent("A"), "boom"))
+        with pytest.raises(StoreUnavailable):
+            await store.commit(Commit(dataclasses.replace(active, version=1), 1, (boom,), ("m2",)))
+        assert await known(store, "ho_1", ["m1", "m2"]) == ({"m1"}, set())
+        monkeypatch.setattr(sqlite_module, "payload_to_json", real)
+
+        # Past the limit: still right, from the file.
+        monkeypatch.setattr(sqlite_module, "IDS_CACHED_PER_HANDOFF", 3)
+        await store.commit(
+            Commit(dataclasses.replace(active, version=1), 1, seen_message_ids=("m3", "m4"))
+        )
+        before = id_reads()
+        assert await known(store, "ho_1", ["m1", "m3", "m4", "s1", "m5"]) == (
+            {"m1", "m3", "m4"},
+            {"s1"},
+        )
+        assert await known(store, "ho_1", ["m4", "m5"]) == ({"m4"}, set())
+        assert id_reads() == before + 2
+    finally:
+        await store.close()

@@ -12,7 +12,8 @@ so that they never hold the loop. With FULL or EXTRA every commit waits for the 
 the writing connection runs on that thread too.
 
 Commits made in one turn of the event loop share a transaction (a group commit), and
-handoff records stay in memory once read or written: one process uses a file at a time.
+handoff records stay in memory once read or written, with the message ids of their handoff
+while those are few: one process uses a file at a time.
 """
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # only writer of its file (a lock beside it says so; several replicas need Redis), so a record
 # it wrote or read stays true until it writes it again; a commit still checks the version.
 RECORDS_CACHED = 4096
+# With a record, the message ids its handoff has seen and sent, while they are no more than
+# IDS_CACHED_PER_HANDOFF and all cached ids no more than IDS_CACHED (about 100 bytes each): a
+# webhook then learns which of its ids are known without a statement (one of a webhook's
+# three). Past either limit, a handoff's ids are asked of the file each time.
+IDS_CACHED_PER_HANDOFF = 1024
+IDS_CACHED = 100_000
 
 _Queued = tuple[Commit, "asyncio.Future[list[StoredEvent]]"]
 
@@ -155,6 +162,10 @@ class SqliteStore:
         # Records by handoff id, and handoff ids by visitor id (see RECORDS_CACHED).
         self._records: collections.OrderedDict[str, Handoff] = collections.OrderedDict()
         self._by_visitor: dict[str, str] = {}
+        # Seen and sent message ids of cached records, complete; None: too many to keep
+        # (see IDS_CACHED_PER_HANDOFF).
+        self._ids: dict[str, tuple[set[str], set[str]] | None] = {}
+        self._ids_count = 0  # ids in ``_ids``
 
     @classmethod
     async def open(cls, path: str, synchronous: str = "NORMAL") -> Self:
@@ -298,11 +309,13 @@ class SqliteStore:
         if len(records) > RECORDS_CACHED:
             _, oldest = records.popitem(last=False)
             self._by_visitor.pop(oldest.visitor_id, None)
+            self._drop_ids(oldest.id)
 
     def _forget(self, handoff_id: str) -> None:
         forgotten = self._records.pop(handoff_id, None)
         if forgotten is not None:
             self._by_visitor.pop(forgotten.visitor_id, None)
+        self._drop_ids(handoff_id)
 
     def _cached(self, handoff_id: str | None) -> Handoff | None:
         if self._closed or handoff_id is None:
@@ -462,6 +475,8 @@ class SqliteStore:
                     done.set_exception(outcome)
                 continue
             self._remember(dataclasses.replace(commit.handoff, version=commit.expected_version + 1))
+            if commit.seen_message_ids or commit.sent_message_ids:
+                self._learn_ids(commit)
             if outcome and self._listener is not None:
                 self._listener(outcome)
             if not done.done():
@@ -521,6 +536,52 @@ class SqliteStore:
 
     # --- message ids ----------------------------------------------------------------------
 
+    def _learn_ids(self, commit: Commit) -> None:
+        """Adds a stored commit's ids to its handoff's cached ids (dropped past the limit)."""
+        handoff_id = commit.handoff.id
+        cached = self._ids.get(handoff_id)
+        if cached is None:
+            return
+        seen, sent = cached
+        before = len(seen) + len(sent)
+        seen.update(commit.seen_message_ids)
+        sent.update(commit.sent_message_ids)
+        after = len(seen) + len(sent)
+        self._ids_count += after - before
+        if after > IDS_CACHED_PER_HANDOFF or self._ids_count > IDS_CACHED:
+            self._drop_ids(handoff_id)
+            self._ids[handoff_id] = None
+
+    def _drop_ids(self, handoff_id: str) -> None:
+        cached = self._ids.pop(handoff_id, None)
+        if cached is not None:
+            self._ids_count -= len(cached[0]) + len(cached[1])
+
+    def _keep_ids(self, handoff_id: str, ids: tuple[set[str], set[str]] | None) -> None:
+        if ids is not None:
+            self._ids_count += len(ids[0]) + len(ids[1])
+            if self._ids_count > IDS_CACHED:
+                self._ids_count -= len(ids[0]) + len(ids[1])
+                ids = None
+        self._ids[handoff_id] = ids
+
+    def _all_ids(self, handoff_id: str) -> tuple[set[str], set[str]] | None:
+        """Every id the handoff has seen and sent, or None when there are too many to keep."""
+        rows = (
+            self._db()
+            .execute(
+                "SELECT 0, message_id FROM seen_messages WHERE handoff_id = ? UNION ALL"
+                " SELECT 1, message_id FROM sent_messages WHERE handoff_id = ? LIMIT ?",
+                (handoff_id, handoff_id, IDS_CACHED_PER_HANDOFF + 1),
+            )
+            .fetchall()
+        )
+        if len(rows) > IDS_CACHED_PER_HANDOFF:
+            return None
+        seen = {message_id for table, message_id in rows if not table}
+        sent = {message_id for table, message_id in rows if table}
+        return seen, sent
+
     def _known(self, handoff_id: str, ids: Sequence[str]) -> tuple[set[str], set[str]]:
         """One statement for both tables (a webhook carries a message or a few)."""
         seen: set[str] = set()
@@ -546,6 +607,22 @@ class SqliteStore:
         handoff = await self.get_handoff(handoff_id)
         if handoff is None:
             return None, set(), set()
+        if handoff_id in self._ids:
+            cached = self._ids[handoff_id]
+        elif self._inline and handoff_id in self._records:
+            # The first webhook of a cached record reads all its ids, to spare the next ones
+            # (inline, nothing can commit in between).
+            cached = await self._run(lambda: self._all_ids(handoff_id))
+            self._keep_ids(handoff_id, cached)
+        else:
+            cached = None
+        if cached is not None:
+            seen_ids, sent_ids = cached
+            return (
+                handoff,
+                {i for i in message_ids if i in seen_ids},
+                {i for i in message_ids if i in sent_ids},
+            )
         seen, sent = await self._run(lambda: self._known(handoff_id, message_ids))
         return handoff, seen, sent
 
@@ -605,6 +682,8 @@ class SqliteStore:
                 await self._flush_on_thread()
         self._records.clear()
         self._by_visitor.clear()
+        self._ids.clear()
+        self._ids_count = 0
 
         def close_reader() -> None:
             if self._reader is not None:
