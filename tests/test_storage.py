@@ -13,12 +13,14 @@ import pytest
 from redis_server import RedisServer
 from support import sample_handoff, until
 
+from service.core.codec import payload_to_json
 from service.core.errors import ConcurrentUpdate, HandoffError, StoreUnavailable
 from service.core.models import (
     Agent,
     AgentMessage,
     Commit,
     EndReason,
+    EventPayload,
     HandoffEnded,
     HandoffState,
     HeldMessage,
@@ -417,19 +419,17 @@ async def test_sqlite_answers_known_ids_from_memory_and_only_what_the_file_holds
         assert id_reads() == 1
 
         # A batch that fails as a whole: its ids must not be taken for seen.
-        real = sqlite_module.payload_to_json
-
-        def failing(payload: object) -> str:
+        def failing(payload: EventPayload) -> str:
             if isinstance(payload, AgentMessage) and payload.text == "boom":
                 raise sqlite3.OperationalError("disk I/O error")
-            return real(payload)  # type: ignore[arg-type]
+            return payload_to_json(payload)
 
         monkeypatch.setattr(sqlite_module, "payload_to_json", failing)
         boom = NewEvent(1, AgentMessage("m2", Agent("A"), "boom"))
         with pytest.raises(StoreUnavailable):
             await store.commit(Commit(dataclasses.replace(active, version=1), 1, (boom,), ("m2",)))
         assert await known(store, "ho_1", ["m1", "m2"]) == ({"m1"}, set())
-        monkeypatch.setattr(sqlite_module, "payload_to_json", real)
+        monkeypatch.setattr(sqlite_module, "payload_to_json", payload_to_json)
 
         # Past the limit: still right, from the file.
         monkeypatch.setattr(sqlite_module, "IDS_CACHED_PER_HANDOFF", 3)
