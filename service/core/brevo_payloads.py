@@ -99,6 +99,8 @@ class _Reader:
 
     def text(self, obj: dict[str, object], key: str, where: str) -> str:
         value = obj.get(key)
+        if type(value) is str:  # the usual case first: a webhook holds a dozen of them
+            return value if value.isascii() else _clean(value)
         if value is None:
             return ""
         if isinstance(value, str):
