@@ -377,6 +377,60 @@ async def test_held_due_lists_handoffs_holding_messages_by_release_time(opener: 
     assert [h.id for h in await reopened.held_due(10_000)] == ["ho_1"]
 
 
+async def test_lookups_follow_every_commit_whether_or_not_it_changes_what_they_use(
+    opener: Opener,
+) -> None:
+    """Commits that change only the record (SQLite then leaves its indexes alone) alternate
+    with commits that change what the lookups use; every lookup answers from the last one,
+    before and after reopening."""
+    store = await opener()
+    h, _ = await store.create_handoff(sample_handoff(1))
+    message = AgentMessage("m1", Agent("A1", "Ann"), "held")
+    steps = [
+        dataclasses.replace(h, metadata={"k": "v2"}),
+        dataclasses.replace(h, metadata={"k": "v2"}, brevo_conversation_id="B1"),
+        dataclasses.replace(h, metadata={"k": "v3"}, brevo_conversation_id="B1"),
+    ]
+    for version, step in enumerate(steps):
+        await store.commit(Commit(step, version))
+    named = await store.find_by_brevo_conversation("B1")
+    assert named is not None
+    assert named.version == 3
+    active = dataclasses.replace(steps[-1], state=HandoffState.ACTIVE, agents=(Agent("A1"),))
+    holding = dataclasses.replace(active, held=(HeldMessage(message, 10, 20, 300),))
+    still_holding = dataclasses.replace(holding, updated_at_ms=5000)
+    for version, step in enumerate((active, holding, still_holding), start=len(steps)):
+        await store.commit(Commit(step, version))
+
+    async def answers(s: HandoffStore) -> tuple[object, ...]:
+        found = await s.find_by_brevo_conversation("B1")
+        open_one = await s.find_open_by_conversation("conv-1")
+        return (
+            found.version if found else None,
+            open_one.version if open_one else None,
+            [x.id for x in await s.pending_before(10_000)],
+            [x.id for x in await s.held_due(300)],
+        )
+
+    assert await answers(store) == (6, 6, [], ["ho_1"])
+    released = dataclasses.replace(still_holding, held=(), updated_at_ms=6000)
+    await store.commit(Commit(released, 6))
+    assert await answers(store) == (7, 7, [], [])
+    await store.close()
+    store = await opener()
+    assert await answers(store) == (7, 7, [], [])
+    current = await store.get_handoff("ho_1")
+    assert current == dataclasses.replace(released, version=7)
+    ended = dataclasses.replace(
+        released, state=HandoffState.ENDED, end_reason=EndReason.AGENT_CLOSED
+    )
+    await store.commit(Commit(ended, 7))
+    assert await answers(store) == (8, None, [], [])
+    # The conversation is free for a new handoff.
+    _, created = await store.create_handoff(sample_handoff(2, conversation="conv-1"))
+    assert created
+
+
 async def test_a_sqlite_file_has_one_process_at_a_time(tmp_path: Path) -> None:
     """The SQLite store keeps records in memory, so a second writer would make them stale:
     it is refused with what to do instead, and the file is free again once closed."""
