@@ -499,3 +499,40 @@ async def test_sqlite_answers_known_ids_from_memory_and_only_what_the_file_holds
         assert id_reads() == before + 2
     finally:
         await store.close()
+
+
+async def test_sqlite_checkpoints_on_its_thread_and_the_writer_only_when_they_fall_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In NORMAL mode a commit never copies the write-ahead log into the file (that took
+    milliseconds of the event loop): the thread does, every CHECKPOINT_EVERY commits, unless
+    the log outgrew WAL_FRAMES_MAX, when the writer copies it once so that it can start over."""
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY", 5)
+    path = tmp_path / "wal.db"
+    store = await SqliteStore.open(str(path))
+    assert store._db().execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    on_writer: list[str] = []
+    store._db().set_trace_callback(on_writer.append)  # the store's own writing connection
+
+    async def commits(first: int, count: int) -> None:
+        for n in range(first, first + count):
+            h, _ = await store.create_handoff(sample_handoff(n))
+            await store.commit(Commit(dataclasses.replace(h, metadata={"n": "x" * 3000}), 0))
+
+    try:
+        empty = path.stat().st_size
+        await commits(0, 12)
+        await until(lambda: path.stat().st_size > empty + 12 * 3000, what="the log copied")
+        assert not [s for s in on_writer if "wal_checkpoint" in s]
+
+        monkeypatch.setattr(sqlite_module, "WAL_FRAMES_MAX", 0)  # the log is "too long"
+        await commits(12, 10)
+        assert [s for s in on_writer if "wal_checkpoint" in s] == ["PRAGMA wal_checkpoint(PASSIVE)"]
+        assert [h.id for h in await store.pending_before(10_000)][:3] == ["ho_0", "ho_1", "ho_2"]
+    finally:
+        await store.close()
+    reopened = await SqliteStore.open(str(path))
+    try:
+        assert len(await reopened.pending_before(10_000)) == 22
+    finally:
+        await reopened.close()
