@@ -21,6 +21,7 @@ from service.core.models import (
     Commit,
     EndReason,
     EventPayload,
+    Handoff,
     HandoffEnded,
     HandoffState,
     HeldMessage,
@@ -536,3 +537,27 @@ async def test_sqlite_checkpoints_on_its_thread_and_the_writer_only_when_they_fa
         assert len(await reopened.pending_before(10_000)) == 22
     finally:
         await reopened.close()
+
+
+def test_a_record_at_a_new_version_keeps_every_other_field() -> None:
+    """``Handoff.at_version`` (what the stores cache after a commit) copies every field; the
+    sample sets each one away from its default, so a field added later must be set here."""
+    message = AgentMessage("m1", Agent("A1", "Ann"), "held")
+    full = dataclasses.replace(
+        sample_handoff(1),
+        state=HandoffState.ENDED,
+        version=4,
+        end_reason=EndReason.AGENT_CLOSED,
+        brevo_conversation_id="B1",
+        agents=(Agent("A1", "Ann"),),
+        no_agent_available=True,
+        opening_parts=("a", "b"),
+        opening_posted=1,
+        held=(HeldMessage(message, 10, 20, 30),),
+    )
+    blank = Handoff("", "", "", HandoffState.PENDING_AGENT, 0, 0)
+    for f in dataclasses.fields(Handoff):
+        assert getattr(full, f.name) != getattr(blank, f.name), f.name
+    moved = full.at_version(9)
+    assert moved == dataclasses.replace(full, version=9)
+    assert (full.version, moved.version) == (4, 9)

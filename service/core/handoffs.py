@@ -630,7 +630,7 @@ class HandoffManager:
                 stored = await self._store.commit(commit)
             except errors.ConcurrentUpdate:
                 continue
-            return dataclasses.replace(commit.handoff, version=current.version + 1), stored
+            return commit.handoff.at_version(current.version + 1), stored
         raise errors.StoreUnavailable(f"handoff {handoff_id} kept changing; retry")
 
     async def _end(self, handoff_id: str, reason: EndReason) -> tuple[Handoff, list[StoredEvent]]:

@@ -26,7 +26,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import fcntl
 import functools
 import logging
@@ -536,7 +535,7 @@ class SqliteStore:
                 if not done.done():
                     done.set_exception(outcome)
                 continue
-            self._remember(dataclasses.replace(commit.handoff, version=commit.expected_version + 1))
+            self._remember(commit.handoff.at_version(commit.expected_version + 1))
             if commit.seen_message_ids or commit.sent_message_ids:
                 self._learn_ids(commit)
             if outcome and self._listener is not None:
