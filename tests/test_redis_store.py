@@ -130,6 +130,45 @@ async def test_a_resent_commit_applies_once(settings: RedisSettings) -> None:
         await other.close()
 
 
+async def test_commands_sent_together_each_get_their_answer_even_after_scripts_are_lost(
+    stores: list[RedisStore], settings: RedisSettings, redis_server: RedisServer
+) -> None:
+    """A webhook's read and commit go to Redis in a pipeline with the others of the same
+    turn of the event loop, each with its own answer; when Redis has lost the scripts (a
+    restart without persistence, SCRIPT FLUSH), every command of the turn still lands."""
+    store = await open_store(stores, settings)
+    for n in range(4):
+        await store.create_handoff(sample_handoff(n))
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for lost in (False, True):
+            if lost:
+                await raw.script_flush()
+            reads = await asyncio.gather(
+                *(store.read_for_webhook(f"ho_{n}", [f"m{n}"]) for n in range(4))
+            )
+            current = [handoff for handoff, _, _ in reads]
+            assert [h.id if h else None for h in current] == [f"ho_{n}" for n in range(4)]
+            assert [(seen, sent) for _, seen, sent in reads] == [(set(), set())] * 4
+            commits = [
+                Commit(h, h.version, seen_message_ids=(f"m{n}",))
+                for n, h in enumerate(current)
+                if h is not None
+            ]
+            stale = Commit(commits[0].handoff, commits[0].expected_version - 1)
+            outcomes = await asyncio.gather(
+                *(store.commit(c) for c in (*commits, stale)), return_exceptions=True
+            )
+            assert outcomes[:4] == [[], [], [], []]
+            assert isinstance(outcomes[4], ConcurrentUpdate)
+            for n in range(4):
+                _, seen, _ = await store.read_for_webhook(f"ho_{n}", [f"m{n}"])
+                assert seen == {f"m{n}"}
+                await raw.srem(f"{settings.prefix}:seen:ho_{n}", f"m{n}")  # for the next round
+    finally:
+        await raw.aclose()
+
+
 async def test_a_cursor_into_trimmed_events_is_refused_and_no_cursor_reads_what_is_left(
     stores: list[RedisStore], settings: RedisSettings
 ) -> None:
