@@ -9,6 +9,8 @@ import logging
 import secrets
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,6 +36,7 @@ from service.core.models import (
     NoAgentAvailable,
     StoredEvent,
 )
+from service.storage import redis_store
 from service.storage.redis_store import RedisSettings, RedisStore
 
 
@@ -427,3 +430,23 @@ async def test_a_redis_that_stops_answering_times_out_and_recovers(
         assert await store.read_for_webhook("ho_1", []) == (stored, set(), set())
     finally:
         await store.close()
+
+
+def test_commit_tokens_never_repeat_in_a_process_nor_across_processes() -> None:
+    """A token names a commit so that a resend applies once: two commits must never share
+    one. Each process draws a random prefix, then counts."""
+    tokens = [redis_store._commit_token() for _ in range(10_000)]
+    assert len(set(tokens)) == len(tokens)
+    others = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from service.storage.redis_store import _commit_token; print(_commit_token())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert len(others) == 1
+    assert others[0].split(".")[0] != tokens[0].split(".")[0]
+    assert len(tokens[0].split(".")[0]) == 24  # 12 random bytes

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 from collections import OrderedDict
@@ -131,8 +132,14 @@ class _Batches:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+_TOKEN_PREFIX = secrets.token_hex(12)  # this process's, drawn once
+_token_counter = itertools.count()
+
+
 def _commit_token() -> str:
-    return secrets.token_hex(12)
+    """Unique across processes and time: a random prefix per process, then a counter (a
+    fresh random token per commit showed in profiles)."""
+    return f"{_TOKEN_PREFIX}.{next(_token_counter)}"
 
 
 def describe_url(url: str) -> str:
@@ -255,8 +262,10 @@ class RedisStore:
         self._listener = listener
         self._on_interrupt = on_interrupt
 
-    async def _call(self, what: str, op: Awaitable[T]) -> T:
-        """Every command goes through here: Redis errors become StoreUnavailable."""
+    async def _call(self, what: str, op: Awaitable[T], *, bounded: bool = False) -> T:
+        """Every command goes through here: Redis errors become StoreUnavailable.
+        ``bounded``: ``op`` times out by itself (a pipeline of ``_Batches``), so no timer of
+        its own here."""
         if self._closed:
             if asyncio.iscoroutine(op):
                 op.close()
@@ -264,6 +273,8 @@ class RedisStore:
         self._in_flight += 1
         self._idle.clear()
         try:
+            if bounded:
+                return await op
             async with asyncio.timeout(self._settings.timeout_s):
                 return await op
         except RedisError as exc:
@@ -283,11 +294,12 @@ class RedisStore:
 
     async def _batched(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
         """``script`` run in this turn's pipeline (see _Batches); loaded first if Redis lost
-        it (a restart without persistence, SCRIPT FLUSH)."""
+        it (a restart without persistence, SCRIPT FLUSH). Times out by itself."""
         try:
             return await self._batches.send("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await script(keys=keys, args=args)
+            async with asyncio.timeout(self._settings.timeout_s):
+                return await script(keys=keys, args=args)
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -451,6 +463,7 @@ class RedisStore:
                 ],
                 args,
             ),
+            bounded=True,
         )
         status = reply[0]
         if status in ("conflict", "missing"):
@@ -475,6 +488,7 @@ class RedisStore:
                 ],
                 list(unique),
             ),
+            bounded=True,
         )
         if not replies or not replies[0]:
             return None, set(), set()
