@@ -109,6 +109,30 @@ async def test_every_replica_receives_every_commit_once_in_order(
     assert feed_a.interruptions == feed_b.interruptions == []
 
 
+async def test_the_feed_hands_over_only_the_handoffs_followed_here(
+    stores: list[RedisStore], settings: RedisSettings
+) -> None:
+    """Every replica reads every event; it decodes and hands over only those of handoffs
+    someone follows on it, and skipping the others is no gap in the feed."""
+    store = await open_store(stores, settings)
+    got: list[StoredEvent] = []
+    interruptions: list[HandoffError] = []
+    followed = {"ho_1"}
+    store.set_listener(got.extend, interruptions.append, lambda h: h in followed)
+    for n in (1, 2):
+        await store.create_handoff(sample_handoff(n))
+    await add_events(store, "ho_2", 3)
+    ours = await add_events(store, "ho_1", 2)
+    await until(lambda: len(got) == 2, what="ho_1's events")
+    await asyncio.sleep(0.05)
+    assert got == ours
+    followed.add("ho_2")
+    later = await add_events(store, "ho_2", 1)
+    await until(lambda: len(got) == 3, what="ho_2's new event")
+    assert got[2:] == later
+    assert interruptions == []
+
+
 async def test_a_resent_commit_applies_once(settings: RedisSettings) -> None:
     """A commit whose reply was lost is sent again with the same token: nothing doubles."""
     store = await RedisStore.open(settings, make_token=lambda: "same-token")

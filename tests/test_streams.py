@@ -4,7 +4,7 @@ interrupted feeds and cursors beyond the log."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -56,6 +56,19 @@ def test_a_full_buffer_marks_only_that_subscription() -> None:
     hub.unsubscribe(fast)
     hub.unsubscribe(other)
     assert hub.subscriber_count == 0
+
+
+def test_the_hub_wants_the_handoffs_it_has_subscriptions_for() -> None:
+    """What a shared store's feed asks before decoding an event for this process."""
+    hub = EventHub(buffer_size=2)
+    assert (hub.wants("h"), hub.wants("x")) == (False, False)
+    one = hub.subscribe("h")
+    assert (hub.wants("h"), hub.wants("x")) == (True, False)
+    everything = hub.subscribe(None)
+    assert (hub.wants("h"), hub.wants("x")) == (True, True)
+    hub.unsubscribe(everything)
+    hub.unsubscribe(one)
+    assert (hub.wants("h"), hub.wants("x")) == (False, False)
 
 
 @pytest.fixture
@@ -146,8 +159,13 @@ class InterruptibleStore(SqliteStore):
 
     interrupt: InterruptListener | None = None
 
-    def set_listener(self, listener: EventListener, on_interrupt: InterruptListener) -> None:
-        super().set_listener(listener, on_interrupt)
+    def set_listener(
+        self,
+        listener: EventListener,
+        on_interrupt: InterruptListener,
+        wants: Callable[[str], bool] | None = None,
+    ) -> None:
+        super().set_listener(listener, on_interrupt, wants)
         self.interrupt = on_interrupt
 
 

@@ -68,6 +68,10 @@ class EventHub:
             if not subs:
                 del self._by_handoff[sub.handoff_id]
 
+    def wants(self, handoff_id: str) -> bool:
+        """Whether any subscription here would take an event of ``handoff_id``."""
+        return bool(self._everything) or handoff_id in self._by_handoff
+
     @property
     def subscriber_count(self) -> int:
         return len(self._everything) + sum(len(s) for s in self._by_handoff.values())

@@ -136,7 +136,7 @@ class HandoffManager:
         # timers started (kept so that they are not garbage-collected mid-way).
         self._release_timers: dict[str, tuple[int, asyncio.TimerHandle]] = {}
         self._releases: set[asyncio.Task[None]] = set()
-        store.set_listener(self._hub.publish, self._hub.interrupt)
+        store.set_listener(self._hub.publish, self._hub.interrupt, self._hub.wants)
 
     @property
     def open_streams(self) -> int:

@@ -34,10 +34,18 @@ class HandoffStore(Protocol):
     nothing else. When that feed breaks (a shared backend became unreachable, or events
     were trimmed before this process saw them) ``on_interrupt`` is called instead, so that
     live streams end and resume from the log rather than silently miss events.
-    Raises StoreUnavailable when the backend cannot be reached.
+    ``wants(handoff_id)`` may say that nobody in this process follows a handoff: a store
+    that reads events back from a shared log may then leave that handoff's events out
+    (undecoded) rather than hand them over. Raises StoreUnavailable when the backend cannot
+    be reached.
     """
 
-    def set_listener(self, listener: EventListener, on_interrupt: InterruptListener) -> None: ...
+    def set_listener(
+        self,
+        listener: EventListener,
+        on_interrupt: InterruptListener,
+        wants: Callable[[str], bool] | None = None,
+    ) -> None: ...
 
     async def create_handoff(self, handoff: Handoff) -> tuple[Handoff, bool]:
         """Stores a new handoff unless one is already open for its conversation_id.

@@ -203,6 +203,7 @@ class RedisStore:
         self._batches = _Batches(self._redis, settings.timeout_s)
         self._listener: EventListener | None = None
         self._on_interrupt: InterruptListener | None = None
+        self._wants: Callable[[str], bool] | None = None
         self._tail_task: asyncio.Task[None] | None = None
         self._feed_connected = False
         self._feed_ready = asyncio.Event()
@@ -258,9 +259,17 @@ class RedisStore:
         """Leases on this Redis: mutual exclusion across every replica sharing it."""
         return RedisLocks(self._redis, self._settings.prefix, self._call, lease_s, wait_s)
 
-    def set_listener(self, listener: EventListener, on_interrupt: InterruptListener) -> None:
+    def set_listener(
+        self,
+        listener: EventListener,
+        on_interrupt: InterruptListener,
+        wants: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``wants``: the feed decodes and hands over only the events of handoffs it wants
+        (every replica reads every event; mostly another replica holds the stream)."""
         self._listener = listener
         self._on_interrupt = on_interrupt
+        self._wants = wants
 
     async def _call(self, what: str, op: Awaitable[T], *, bounded: bool = False) -> T:
         """Every command goes through here: Redis errors become StoreUnavailable.
@@ -577,17 +586,24 @@ class RedisStore:
             delay = 0.05
             if not reply:
                 continue
-            events = [_entry(entry_id, fields)[0] for entry_id, fields in _xread_entries(reply)]
-            if events[0].seq != last + 1:
+            entries = _xread_entries(reply)
+            if _position(entries[0][0]) != last + 1:
                 self._interrupt(
                     StreamOverflow(
                         "this replica missed events that were trimmed from the log before it "
                         "read them; reconnect with after_cursor set to the last cursor received"
                     )
                 )
-            last = events[-1].seq
+            last = _position(entries[-1][0])
             if self._listener is not None:
-                self._listener(events)
+                wants = self._wants
+                events = [
+                    _entry(entry_id, fields)[0]
+                    for entry_id, fields in entries
+                    if wants is None or wants(_handoff_of(fields))
+                ]
+                if events:
+                    self._listener(events)
 
     async def _resume_point(self, last: int | None) -> int:
         """Where the feed goes on after (re)connecting: its old place, unless the log moved."""
@@ -663,12 +679,21 @@ def _xread_entries(reply: object) -> list[tuple[str, object]]:
     return [(str(entry_id), fields) for entry_id, fields in entries]
 
 
+def _position(entry_id: str) -> int:
+    return int(entry_id.rsplit("-", 1)[1])
+
+
+def _handoff_of(fields: object) -> str:
+    assert isinstance(fields, dict)
+    return str(fields["h"])
+
+
 def _entry(entry_id: str, fields: object) -> tuple[StoredEvent, int]:
     """A stream entry: its event, and the position of the handoff's previous event."""
     assert isinstance(fields, dict)
     values = {str(k): str(v) for k, v in fields.items()}
     event = StoredEvent(
-        seq=int(entry_id.rsplit("-", 1)[1]),
+        seq=_position(entry_id),
         handoff_id=values["h"],
         conversation_id=values["c"],
         occurred_at_ms=int(values["t"]),

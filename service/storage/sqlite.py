@@ -240,8 +240,14 @@ class SqliteStore:
         )
         return conn
 
-    def set_listener(self, listener: EventListener, on_interrupt: InterruptListener) -> None:
-        """``on_interrupt`` is never called: commits and delivery happen in this process."""
+    def set_listener(
+        self,
+        listener: EventListener,
+        on_interrupt: InterruptListener,
+        wants: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``on_interrupt`` is never called: commits and delivery happen in this process.
+        ``wants`` is not asked: the events are at hand already, decoded."""
         self._listener = listener
 
     async def _run(self, fn: Callable[[], T]) -> T:
