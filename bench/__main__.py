@@ -91,8 +91,8 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         ids, visitors = await open_handoffs(svc, 50, "ingest")
         ours_load, base_load = await ingest_side_by_side(
             [
-                (svc.http_port, lambda n: svc.webhook_path, visitors),
-                (bare_http_port, lambda n: "/ok", visitors),
+                (svc.http_port, lambda n: svc.webhook_path, visitors, svc),
+                (bare_http_port, lambda n: "/ok", visitors, bare),
             ],
             sizes,
         )
@@ -145,8 +145,8 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         _, sqlite_visitors = await open_handoffs(svc, 50, "sqlite-ingest")
         redis_load, sqlite_load = await ingest_side_by_side(
             [
-                (one.http_port, lambda n: one.webhook_path, visitors),
-                (svc.http_port, lambda n: svc.webhook_path, sqlite_visitors),
+                (one.http_port, lambda n: one.webhook_path, visitors, one),
+                (svc.http_port, lambda n: svc.webhook_path, sqlite_visitors, svc),
             ],
             sizes,
         )

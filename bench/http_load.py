@@ -46,6 +46,7 @@ class LoadResult:
     seconds: float = 0.0
     latencies_ns: list[int] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
+    server_cpu_s: float = 0.0  # CPU the server used meanwhile, where measured
 
     @property
     def rate(self) -> float:

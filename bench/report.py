@@ -155,14 +155,14 @@ def markdown(r: dict[str, Any], found: list[dict[str, Any]]) -> str:
         "Fragments acknowledged per second (stored: the answer comes after the commit), no "
         "stream open; baseline: a Starlette route that reads the body and answers 200.",
         "",
-        "| | per s | p50 ms | p99 ms |",
-        "|---|---|---|---|",
+        "| | per s | p50 ms | p99 ms | server CPU µs/request |",
+        "|---|---|---|---|---|",
         *(
             f"| {name} | {ingest[name]['per_s']} | {ingest[name]['p50_ms']} | "
-            f"{ingest[name]['p99_ms']} |"
+            f"{ingest[name]['p99_ms']} | {ingest[name].get('server_cpu_us_per_request', '')} |"
             for name in ("service", "bare")
         ),
-        f"| ratio | {ratio(ingest['service']['per_s'], ingest['bare']['per_s']):.0%} | | |",
+        f"| ratio | {ratio(ingest['service']['per_s'], ingest['bare']['per_s']):.0%} | | | |",
         "",
         "## 3. SendMessage to Brevo",
         "",

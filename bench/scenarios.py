@@ -282,7 +282,8 @@ async def ingest(
     )
 
 
-IngestTarget = tuple[int, Callable[[int], str], list[str]]  # port, path of n, visitors
+# port, path of n, visitors, and the server process (for the CPU it uses)
+IngestTarget = tuple[int, Callable[[int], str], list[str], Proc]
 
 
 async def ingest_side_by_side(targets: list[IngestTarget], sizes: Sizes) -> list[LoadResult]:
@@ -290,8 +291,10 @@ async def ingest_side_by_side(targets: list[IngestTarget], sizes: Sizes) -> list
     neighbour strikes them alike; one merged result per target, in order."""
     merged = [LoadResult() for _ in targets]
     for _ in range(sizes.rounds):
-        for total, (port, path_of, visitors) in zip(merged, targets, strict=True):
+        for total, (port, path_of, visitors, server) in zip(merged, targets, strict=True):
+            cpu_before = server.cpu()
             one = await ingest(port, path_of, visitors, sizes)
+            total.server_cpu_s += server.cpu() - cpu_before
             total.requests += one.requests
             total.seconds += one.seconds
             total.latencies_ns += one.latencies_ns
@@ -309,6 +312,7 @@ def ingest_figures(result: LoadResult, ok_status: int = 200) -> dict[str, Any]:
         "per_s": round(result.statuses.get(ok_status, 0) / result.seconds, 1),
         "p50_ms": round(percentile(lat, 0.5), 3),
         "p99_ms": round(percentile(lat, 0.99), 3),
+        "server_cpu_us_per_request": round(result.server_cpu_s / max(result.requests, 1) * 1e6, 1),
     }
 
 

@@ -53,6 +53,7 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
     for name in ("service", "bare"):
         ingest = results["ingest"][name]
         assert ingest["statuses"] == {"200": ingest["requests"]}, ingest
+        assert ingest["server_cpu_us_per_request"] > 0, ingest
     for name in ("service", "direct"):
         send = results["send_message"][name]
         assert send["sequential_calls"] == 30
