@@ -13,8 +13,7 @@ the writing connection runs on that thread too.
 
 Checkpoints (copying the write-ahead log into the file, and syncing it) run on that thread
 too, not in the commit that happens to fill the log: there, each held the event loop for
-milliseconds, every few hundred commits (the webhook -> stream p99 of make bench halved
-once they moved).
+milliseconds, every few hundred commits.
 
 Commits made in one turn of the event loop share a transaction (a group commit), and
 handoff records stay in memory once read or written, with the message ids of their handoff
