@@ -202,8 +202,9 @@ def markdown(r: dict[str, Any], found: list[dict[str, Any]]) -> str:
         "",
         "## 5. Redis",
         "",
-        f"{redis['streams']} streams. Two replicas: webhooks to replica A, streams on "
-        "replica B, one Redis (append-only file, fsync every second).",
+        f"{redis['streams']} streams, SQLite measured again right before Redis. Two "
+        "replicas: webhooks to replica A, streams on replica B, one Redis (append-only "
+        "file, fsync every second).",
         "",
         "| | p50 ms | p99 ms | events/s |",
         "|---|---|---|---|",

@@ -63,7 +63,7 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
     for row in results["idle_streams"]:
         assert row["service"]["streams"] == row["bare"]["streams"] == 100
     redis = results["redis"]
-    for name in ("one_replica", "two_replicas"):
+    for name in ("sqlite_same_streams", "one_replica", "two_replicas"):
         assert redis[name]["rate_delivered"] == redis[name]["rate_posted"] > 0
         assert redis[name]["stream_errors"] == 0
     for name in ("ingest", "sqlite_ingest"):  # measured taking turns
