@@ -486,16 +486,14 @@ class HandoffManager:
                 self._count_dropped(plan.dropped)
                 self._schedule_release(plan.handoff)
                 self.stats["webhooks_stored"] += 1
-                debugging = log.isEnabledFor(logging.DEBUG)
                 for new in plan.events:
                     if isinstance(new.payload, AgentMessage):
                         self.stats["messages_from_agent"] += 1
-                        if debugging:
-                            log.debug(
-                                "agent message %s stored: %s",
-                                new.payload.brevo_message_id,
-                                self._loggable(new.payload.text),
-                            )
+                        log.debug(
+                            "agent message %s stored: %s",
+                            new.payload.brevo_message_id,
+                            self._loggable(new.payload.text),
+                        )
                 return WebhookOutcome("stored", len(stored), current.id, event.event_name)
         raise errors.StoreUnavailable("the handoff kept changing; retry the webhook")
 
@@ -605,9 +603,9 @@ class HandoffManager:
 
     # --- Helpers --------------------------------------------------------------------------
 
-    def _loggable(self, text: str) -> str:
+    def _loggable(self, text: str) -> _LoggedText:
         """A message's text for a log line: only its length unless the settings allow it."""
-        return repr(text) if self.settings.log_message_text else f"<{len(text)} characters>"
+        return _LoggedText(text, self.settings.log_message_text)
 
     async def _get(self, handoff_id: str) -> Handoff:
         handoff = await self._store.get_handoff(handoff_id)
@@ -647,6 +645,20 @@ class HandoffManager:
             )
 
         return await self._update(handoff_id, change)
+
+
+class _LoggedText:
+    """A message's text as a log line shows it, formatted only when the line is written:
+    the debug lines about every message cost nothing while debugging is off."""
+
+    __slots__ = ("_shown", "_text")
+
+    def __init__(self, text: str, shown: bool) -> None:
+        self._text = text
+        self._shown = shown
+
+    def __str__(self) -> str:
+        return repr(self._text) if self._shown else f"<{len(self._text)} characters>"
 
 
 def _ignore_delivery(event: StoredEvent, live: bool) -> None:
