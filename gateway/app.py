@@ -37,7 +37,8 @@ class _Disconnected(Exception):
 
 
 class BrevoWebhook:
-    """``POST /webhooks/brevo/{token}``, as a plain ASGI app inside the Starlette router.
+    """``POST /webhooks/brevo/{token}``, as a plain ASGI app: ``Gateway`` hands it the
+    token, and the Starlette router the rest of the requests on its path.
 
     The hot route: every agent message arrives through it. Starlette's Request and
     JSONResponse around it cost more than its own checks did (py-spy, make bench's load), so it
@@ -235,9 +236,11 @@ def create_gateway(
 
 
 def _decode(raw: bytes) -> object:
-    """The body as JSON: orjson, or the standard library wherever orjson refuses it (numbers
-    beyond 64 bits, lone surrogates, deep nesting), so that the two accept the same bodies
-    and a refused one gets the standard library's reason."""
+    """The body as JSON: orjson, or the standard library wherever orjson refuses it (lone
+    surrogates, deep nesting, NaN), so that the two accept the same bodies and a refused one
+    gets the standard library's reason. One difference stays: orjson reads an integer beyond
+    64 bits as a float. As a time, the reader refuses it either way; an id sent as such a
+    number (Brevo's ids are strings) would be read as the float's text."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -127,7 +127,9 @@ IDS_CACHED = 100_000
 _Queued = tuple[Commit, "asyncio.Future[list[StoredEvent]]"]
 
 # In NORMAL mode the thread checkpoints the write-ahead log after every CHECKPOINT_EVERY
-# commits (about SQLite's own 1,000 pages at four or five pages a commit). A checkpoint
+# commits: four or five thousand pages at four or five a commit, more than SQLite's own
+# 1,000, since a page written many times is copied once a checkpoint (every 250 commits
+# cost more CPU in all, measured with a scratch script). A checkpoint
 # running beside the writer may never find the log wholly copied, and only then can the log
 # start over: past WAL_FRAMES_MAX frames, the writer checkpoints itself once, as SQLite would.
 CHECKPOINT_EVERY = 1000
@@ -642,12 +644,11 @@ class SqliteStore:
             self._ids_count -= len(cached[0]) + len(cached[1])
 
     def _keep_ids(self, handoff_id: str, ids: tuple[set[str], set[str]] | None) -> None:
-        if ids is not None:
-            self._ids_count += len(ids[0]) + len(ids[1])
-            if self._ids_count > IDS_CACHED:
-                self._ids_count -= len(ids[0]) + len(ids[1])
-                ids = None
+        count = 0 if ids is None else len(ids[0]) + len(ids[1])
+        if self._ids_count + count > IDS_CACHED:
+            ids, count = None, 0
         self._ids[handoff_id] = ids
+        self._ids_count += count
 
     def _all_ids(self, handoff_id: str) -> tuple[set[str], set[str]] | None:
         """Every id the handoff has seen and sent, or None when there are too many to keep."""
