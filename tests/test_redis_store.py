@@ -36,7 +36,7 @@ from service.core.models import (
     NoAgentAvailable,
     StoredEvent,
 )
-from service.storage import redis_store
+from service.storage import redis_scripts, redis_store
 from service.storage.redis_store import RedisSettings, RedisStore
 
 
@@ -168,6 +168,8 @@ async def test_commands_sent_together_each_get_their_answer_even_after_scripts_a
         await store.create_handoff(sample_handoff(n))
     raw = aioredis.Redis.from_url(redis_server.url)
     try:
+        for script in (redis_scripts.READ_FOR_WEBHOOK, redis_scripts.COMMIT):
+            await raw.script_load(script)  # as a server that ran them before has them
         for lost in (False, True):
             if lost:
                 await raw.script_flush()
@@ -192,6 +194,11 @@ async def test_commands_sent_together_each_get_their_answer_even_after_scripts_a
                 _, seen, _ = await store.read_for_webhook(f"ho_{n}", [f"m{n}"])
                 assert seen == {f"m{n}"}
                 await raw.srem(f"{settings.prefix}:seen:ho_{n}", f"m{n}")  # for the next round
+            if not lost:
+                # Four reads at once, then five commits at once, went as two pipelines: on
+                # one connection (redis-py's pool opens one per command in flight otherwise).
+                pool = store._redis.connection_pool
+                assert len(pool._available_connections) + len(pool._in_use_connections) == 1
     finally:
         await raw.aclose()
 
