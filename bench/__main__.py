@@ -76,10 +76,14 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         w2s = []
         for count in sizes.stream_counts:
             ids, visitors = await open_handoffs(svc, count, f"w2s{count}")
-            ours = await webhook_to_stream(
-                service_target(svc, ids, visitors, f"service-{count}"), sizes, log_dir
+            ours, base = await webhook_to_stream(
+                [
+                    service_target(svc, ids, visitors, f"service-{count}"),
+                    bare_target(bare, bare_ports, count),
+                ],
+                sizes,
+                log_dir,
             )
-            base = await webhook_to_stream(bare_target(bare, bare_ports, count), sizes, log_dir)
             w2s.append({"streams": count, "service": ours, "bare": base})
             say(
                 f"   {count} streams: service p50 {ours['p50_ms']} ms p99 {ours['p99_ms']} ms "
@@ -137,15 +141,17 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         redis = RedisProc(log_dir / "redis")
         await redis.start()
         one = await service("service-redis-a", REDIS_URL=redis.url)
-        # SQLite again, right before Redis: section 1's run was minutes ago, and the
+        # SQLite again, taking turns with Redis: section 1's run was minutes ago, and the
         # machine's speed drifts more than that in a few minutes.
         ids, visitors = await open_handoffs(svc, sizes.redis_streams, "sqlite-beside-redis")
-        sqlite_same = await webhook_to_stream(
-            service_target(svc, ids, visitors, "sqlite-beside-redis"), sizes, log_dir
-        )
-        ids, visitors = await open_handoffs(one, sizes.redis_streams, "redis")
-        redis_w2s = await webhook_to_stream(
-            service_target(one, ids, visitors, "redis-1"), sizes, log_dir
+        redis_ids, redis_visitors = await open_handoffs(one, sizes.redis_streams, "redis")
+        sqlite_same, redis_w2s = await webhook_to_stream(
+            [
+                service_target(svc, ids, visitors, "sqlite-beside-redis"),
+                service_target(one, redis_ids, redis_visitors, "redis-1"),
+            ],
+            sizes,
+            log_dir,
         )
         ids, visitors = await open_handoffs(one, 50, "redis-ingest")
         _, sqlite_visitors = await open_handoffs(svc, 50, "sqlite-ingest")
@@ -161,17 +167,17 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         ids, visitors = await open_handoffs(one, sizes.redis_streams, "redis-2")
         cross = service_target(one, ids, visitors, "redis-2")
         cross.grpc_target = two.grpc_target  # streams on B, webhooks on A
-        redis_cross = await webhook_to_stream(cross, sizes, log_dir)
+        [redis_cross] = await webhook_to_stream([cross], sizes, log_dir)
         results["redis"] = {
             "streams": sizes.redis_streams,
             "one_replica": redis_w2s,
             "two_replicas": redis_cross,
             "ingest": redis_ingest,
             "sqlite_ingest": sqlite_ingest,  # measured taking turns with Redis'
-            "sqlite_same_streams": sqlite_same,  # measured right before Redis' one replica
+            "sqlite_same_streams": sqlite_same,  # taking turns with Redis' one replica
         }
         say(
-            f"   SQLite {sqlite_same['events_per_s']}/s, then Redis: one replica "
+            f"   SQLite {sqlite_same['events_per_s']}/s, Redis beside it: one replica "
             f"{redis_w2s['events_per_s']}/s p99 {redis_w2s['p99_ms']} ms; "
             f"two replicas p99 {redis_cross['p99_ms']} ms; ingest {redis_ingest['per_s']}/s"
         )

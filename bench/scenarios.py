@@ -14,10 +14,11 @@ import json
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import httpx
 
@@ -36,7 +37,7 @@ class Sizes:
     stream_counts: tuple[int, ...] = (1, 100, 1000)
     latency_rate: float = 200.0  # webhooks per second offered while latency is measured
     latency_s: float = 5.0
-    rate_s: float = 5.0
+    rate_s: float = 3.0  # a round; webhook-to-stream runs take turns with their baseline
     rate_connections: int = 16
     ingest_s: float = 3.0  # a round; ingest runs take turns with their baseline
     rounds: int = 3
@@ -55,7 +56,7 @@ QUICK = Sizes(
     rate_s=1.0,
     rate_connections=4,
     ingest_s=1.0,
-    rounds=1,
+    rounds=2,
     send_calls=30,
     send_s=1.0,
     send_concurrency=4,
@@ -198,13 +199,9 @@ async def wait_count(clients: StreamClients, expected: int, timeout_s: float = 6
         await asyncio.sleep(0.05)
 
 
-async def webhook_to_stream(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
-    """Each stream follows a handoff of its own; webhooks go round-robin over the handoffs.
-
-    Latency: at a steady ``latency_rate``. Sustained rate: ``rate_connections`` posting as
-    fast as answers come, for ``rate_s``; the rate counts messages the streams received,
-    from the first post to the last message read.
-    """
+async def _open_streams(target: Target, log_dir: Path) -> StreamClients:
+    """A stream client process with one stream per handoff of ``target``, each past its
+    first item."""
     streams = len(target.handoffs)
     if target.warm_up is not None:
         await target.warm_up()
@@ -218,55 +215,127 @@ async def webhook_to_stream(target: Target, sizes: Sizes, log_dir: Path) -> dict
         )
         if opened["opened"] != streams or opened["errors"]:
             raise RuntimeError(f"{target.name}: streams did not open: {opened}")
-
-        def request(n: int) -> tuple[str, bytes]:
-            k = n % streams
-            return target.path_of(k), fragment(target.visitors[k])
-
-        await clients.command(cmd="reset")
-        lat = await paced(
-            HOST, target.http_port, request, rate=sizes.latency_rate, seconds=sizes.latency_s
-        )
-        received = await wait_count(clients, lat.statuses.get(200, 0))
-        latency_report = await clients.command(cmd="report")
-        latencies = ms(latency_report["latencies_ns"])
-
-        await clients.command(cmd="reset")
-        cpu_before = target.server.cpu()
-        started_ns = time.monotonic_ns()
-        load = await closed_loop(
-            HOST,
-            target.http_port,
-            request,
-            connections=sizes.rate_connections,
-            seconds=sizes.rate_s,
-        )
-        delivered = await wait_count(clients, load.statuses.get(200, 0))
-        cpu = target.server.cpu() - cpu_before
-        rate_report = await clients.command(cmd="report")
-        arrivals: list[int] = rate_report["arrivals_ns"]
-        span_s = (max(arrivals) - started_ns) / 1e9 if arrivals else float("nan")
-        rss = target.server.rss()
-    finally:
+    except BaseException:
         await clients.close()
-    return {
-        "streams": streams,
-        "latency_offered_per_s": sizes.latency_rate,
-        "latency_messages": received,
-        "latency_posted": lat.requests,
-        **latency_figures(latencies),
-        "latency_cdf_ms": cdf_points(latencies),
-        "rate_posted": load.requests,
-        "rate_acknowledged": load.statuses.get(200, 0),
-        "rate_statuses": {str(k): v for k, v in load.statuses.items()},
-        "rate_delivered": delivered,
-        "events_per_s": round(delivered / span_s, 1),
-        "post_p50_ms": round(percentile(ms(load.latencies_ns), 0.5), 3),
-        "server_cpu_us_per_event": round(cpu / max(delivered, 1) * 1e6, 1),
-        "server_rss_mib": round(rss / 2**20, 1),
-        "stream_errors": rate_report["error_count"] + latency_report["error_count"],
-        "stream_resumes": rate_report["resumes"] + latency_report["resumes"],
-    }
+        raise
+    return clients
+
+
+def _request_of(target: Target) -> Callable[[int], tuple[str, bytes]]:
+    """Webhooks round-robin over the target's handoffs."""
+    streams = len(target.handoffs)
+
+    def request(n: int) -> tuple[str, bytes]:
+        k = n % streams
+        return target.path_of(k), fragment(target.visitors[k])
+
+    return request
+
+
+@dataclass
+class _Sustained:
+    """What the sustained-rate runs of one target add up to, over their rounds."""
+
+    posted: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    delivered: int = 0
+    seconds: float = 0.0  # from each round's first post to its last message read
+    cpu_s: float = 0.0
+    post_latencies_ns: list[int] = field(default_factory=list)
+    errors: int = 0
+    resumes: int = 0
+
+
+async def _sustained_round(
+    target: Target, clients: StreamClients, sizes: Sizes, total: _Sustained
+) -> None:
+    await clients.command(cmd="reset")
+    cpu_before = target.server.cpu()
+    started_ns = time.monotonic_ns()
+    load = await closed_loop(
+        HOST,
+        target.http_port,
+        _request_of(target),
+        connections=sizes.rate_connections,
+        seconds=sizes.rate_s,
+    )
+    delivered = await wait_count(clients, load.statuses.get(200, 0))
+    total.cpu_s += target.server.cpu() - cpu_before
+    report = await clients.command(cmd="report")
+    arrivals: list[int] = report["arrivals_ns"]
+    total.seconds += (max(arrivals) - started_ns) / 1e9 if arrivals else float("nan")
+    total.posted += load.requests
+    for status, count in load.statuses.items():
+        total.statuses[status] = total.statuses.get(status, 0) + count
+    total.delivered += delivered
+    total.post_latencies_ns += load.latencies_ns
+    total.errors += report["error_count"]
+    total.resumes += report["resumes"]
+
+
+async def webhook_to_stream(
+    targets: list[Target], sizes: Sizes, log_dir: Path
+) -> list[dict[str, Any]]:
+    """Each stream follows a handoff of its own; webhooks go round-robin over the handoffs.
+    One result per target, in order.
+
+    Every target's streams are open at once. Latency: at a steady ``latency_rate``, one
+    target after the other. Sustained rate: ``rate_connections`` posting as fast as
+    answers come, for ``rate_s``, the targets taking turns ``rounds`` times over, so that
+    a noisy neighbour strikes them alike; the rate counts messages the streams received,
+    from each round's first post to its last message read.
+    """
+    clients: list[StreamClients] = []
+    try:
+        for target in targets:
+            clients.append(await _open_streams(target, log_dir))
+        latencies: list[tuple[LoadResult, int, dict[str, Any]]] = []
+        for target, client in zip(targets, clients, strict=True):
+            await client.command(cmd="reset")
+            lat = await paced(
+                HOST,
+                target.http_port,
+                _request_of(target),
+                rate=sizes.latency_rate,
+                seconds=sizes.latency_s,
+            )
+            received = await wait_count(client, lat.statuses.get(200, 0))
+            latencies.append((lat, received, await client.command(cmd="report")))
+        sustained = [_Sustained() for _ in targets]
+        for _ in range(sizes.rounds):
+            for target, client, total in zip(targets, clients, sustained, strict=True):
+                await _sustained_round(target, client, sizes, total)
+        rss = [target.server.rss() for target in targets]
+    finally:
+        for client in clients:
+            await client.close()
+    results = []
+    for target, (lat, received, latency_report), total, server_rss in zip(
+        targets, latencies, sustained, rss, strict=True
+    ):
+        latency_ms = ms(latency_report["latencies_ns"])
+        results.append(
+            {
+                "streams": len(target.handoffs),
+                "latency_offered_per_s": sizes.latency_rate,
+                "latency_messages": received,
+                "latency_posted": lat.requests,
+                **latency_figures(latency_ms),
+                "latency_cdf_ms": cdf_points(latency_ms),
+                "rate_rounds": sizes.rounds,
+                "rate_posted": total.posted,
+                "rate_acknowledged": total.statuses.get(200, 0),
+                "rate_statuses": {str(k): v for k, v in total.statuses.items()},
+                "rate_delivered": total.delivered,
+                "events_per_s": round(total.delivered / total.seconds, 1),
+                "post_p50_ms": round(percentile(ms(total.post_latencies_ns), 0.5), 3),
+                "server_cpu_us_per_event": round(total.cpu_s / max(total.delivered, 1) * 1e6, 1),
+                "server_rss_mib": round(server_rss / 2**20, 1),
+                "stream_errors": total.errors + latency_report["error_count"],
+                "stream_resumes": total.resumes + latency_report["resumes"],
+            }
+        )
+    return results
 
 
 async def ingest(
@@ -323,10 +392,11 @@ async def send_side_by_side(
     bare_grpc_target: str,
     sizes: Sizes,
 ) -> dict[str, dict[str, Any]]:
-    """SendMessage beside httpx posting the same body to the stand-in directly, and beside a
+    """SendMessage beside httpx posting the same body to the stand-in directly; for
+    reference, beside aiohttp posting it (the HTTP client the service itself uses) and a
     unary call to the bare grpc.aio server (what the gRPC hop alone costs).
 
-    Latency: one call at a time, the three kinds taking turns, so that a noisy neighbour
+    Latency: one call at a time, the four kinds taking turns, so that a noisy neighbour
     strikes them alike. Rate: ``send_concurrency`` callers (each SendMessage caller on a
     handoff of its own: a handoff's sends are serialised), the service, then direct.
     """
@@ -339,6 +409,10 @@ async def send_side_by_side(
             headers={"api-key": STANDIN_API_KEY, "accept": "application/json"},
             timeout=10,
         ) as http,
+        aiohttp.ClientSession(
+            headers={"api-key": STANDIN_API_KEY, "accept": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as lean,
     ):
         stub = pb_grpc.HandoffServiceStub(channel)
         bare_stub = pb_grpc.HandoffServiceStub(bare_channel)
@@ -358,20 +432,30 @@ async def send_side_by_side(
             assert not reply.duplicate
             return time.monotonic_ns() - started
 
+        def body(n: int) -> dict[str, str]:
+            return {
+                "visitorId": visitor_id,
+                "text": f"Botpress User: user message {n}",
+                "receivedFrom": "handoff-service",
+                "agentId": SERVICE_AGENT["id"],
+            }
+
         async def direct() -> int:
             n = next(counter)
             started = time.monotonic_ns()
-            response = await http.post(
-                "/conversations/messages",
-                json={
-                    "visitorId": visitor_id,
-                    "text": f"Botpress User: user message {n}",
-                    "receivedFrom": "handoff-service",
-                    "agentId": SERVICE_AGENT["id"],
-                },
-            )
+            response = await http.post("/conversations/messages", json=body(n))
             assert response.status_code == 200, response.text
             response.json()
+            return time.monotonic_ns() - started
+
+        messages_url = f"http://{HOST}:{standin_port}/v3/conversations/messages"
+
+        async def direct_aiohttp() -> int:
+            n = next(counter)
+            started = time.monotonic_ns()
+            async with lean.post(messages_url, json=body(n)) as response:
+                assert response.status == 200, await response.text()
+                await response.json()
             return time.monotonic_ns() - started
 
         async def hop() -> int:
@@ -379,15 +463,19 @@ async def send_side_by_side(
             await bare_stub.GetHandoff(hop_request)
             return time.monotonic_ns() - started
 
+        kinds: dict[str, Callable[[], Awaitable[int]]] = {
+            "service": functools.partial(send, handoffs[0]),
+            "direct": direct,
+            "direct_aiohttp": direct_aiohttp,
+            "hop": hop,
+        }
         for _ in range(10):  # warm the connections
-            await send(handoffs[0])
-            await direct()
-            await hop()
-        sequential: dict[str, list[int]] = {"service": [], "direct": [], "hop": []}
+            for call in kinds.values():
+                await call()
+        sequential: dict[str, list[int]] = {kind: [] for kind in kinds}
         for _ in range(sizes.send_calls):
-            sequential["service"].append(await send(handoffs[0]))
-            sequential["direct"].append(await direct())
-            sequential["hop"].append(await hop())
+            for kind, call in kinds.items():
+                sequential[kind].append(await call())
         ours = await _concurrently(
             [functools.partial(send, h) for h in handoffs[: sizes.send_concurrency]], sizes.send_s
         )
@@ -395,6 +483,10 @@ async def send_side_by_side(
     return {
         "service": _call_figures(sequential["service"], ours, sizes.send_s),
         "direct": _call_figures(sequential["direct"], theirs, sizes.send_s),
+        "direct_aiohttp": {
+            "sequential_calls": len(sequential["direct_aiohttp"]),
+            **latency_figures(ms(sequential["direct_aiohttp"])),
+        },
         "grpc_hop": {
             "sequential_calls": len(sequential["hop"]),
             **latency_figures(ms(sequential["hop"])),

@@ -49,6 +49,8 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
             assert f["latency_messages"] == f["latency_posted"], (row["streams"], name, f)
             assert f["stream_errors"] == 0
             assert 0 < f["p50_ms"] <= f["p99_ms"]
+            # The sustained rate took turns with its baseline, round by round.
+            assert f["rate_rounds"] == results["sizes"]["rounds"] == 2
     assert [r["streams"] for r in results["webhook_to_stream"]] == [1, 10]
     for name in ("service", "bare"):
         ingest = results["ingest"][name]
@@ -58,8 +60,9 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
         send = results["send_message"][name]
         assert send["sequential_calls"] == 30
         assert send["concurrent_calls"] > 0
-    # The three kinds of call took turns: as many of each.
-    assert results["send_message"]["grpc_hop"]["sequential_calls"] == 30
+    # The four kinds of call took turns: as many of each.
+    for name in ("direct_aiohttp", "grpc_hop"):
+        assert results["send_message"][name]["sequential_calls"] == 30
     for row in results["idle_streams"]:
         assert row["service"]["streams"] == row["bare"]["streams"] == 100
     redis = results["redis"]
