@@ -379,6 +379,39 @@ async def test_connection_refused_is_unavailable(env: Env) -> None:
     assert len(env.sleep.delays) == 2
 
 
+def clear_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+async def test_posts_through_the_proxy_the_environment_names(
+    scripted: tuple[Scripted, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake, base_url = scripted  # the scripted server plays the proxy
+    clear_proxy_environment(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", base_url.removesuffix("/v3"))
+    fake.answers.append(json_response({"id": "ViaTheProxy000001"}))
+    # brevo.invalid resolves nowhere: only the proxy can have carried the post.
+    client = BrevoClient("http://brevo.invalid/v3", API_KEY, AgentIdentity(agent_id=AGENT_ID))
+    try:
+        sent = await client.send_agent_message("hf_1", "hello")
+    finally:
+        await client.aclose()
+    assert sent.id == "ViaTheProxy000001"
+    [(method, path, headers, _)] = fake.requests
+    assert (method, path, headers["host"]) == ("POST", SEND_PATH, "brevo.invalid")
+    assert headers["api-key"] == API_KEY
+
+
+async def test_no_proxy_reaches_brevo_directly(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_proxy_environment(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nobody listens
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    sent = await env.client().send_agent_message("hf_direct", "x")
+    assert [m["id"] for m in env.sandbox.messages("hf_direct")] == [sent.id]
+
+
 async def test_server_error_with_html_body_then_success(scripted: tuple[Scripted, str]) -> None:
     fake, base_url = scripted
     fake.answers += [
