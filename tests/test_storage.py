@@ -8,6 +8,7 @@ import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis_server import RedisServer
@@ -502,12 +503,14 @@ async def test_sqlite_answers_known_ids_from_memory_and_only_what_the_file_holds
         await store.close()
 
 
-async def test_sqlite_checkpoints_on_its_thread_and_the_writer_only_when_they_fall_behind(
+async def test_sqlite_checkpoints_on_its_thread_holding_commits_when_they_fall_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """In NORMAL mode a commit never copies the write-ahead log into the file (that took
-    milliseconds of the event loop): the thread does, every CHECKPOINT_EVERY commits, unless
-    the log outgrew WAL_FRAMES_MAX, when the writer copies it once so that it can start over."""
+    """In NORMAL mode a commit never copies the write-ahead log into the file, nor does
+    anything else on the event loop (that took milliseconds of it): the thread does, every
+    CHECKPOINT_EVERY commits. Once the log is past WAL_FRAMES_MAX frames, commits wait
+    (queued) while the thread copies what was appended during its checkpoint, so that the
+    log can start over."""
     monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY", 5)
     path = tmp_path / "wal.db"
     store = await SqliteStore.open(str(path))
@@ -520,21 +523,59 @@ async def test_sqlite_checkpoints_on_its_thread_and_the_writer_only_when_they_fa
             h, _ = await store.create_handoff(sample_handoff(n))
             await store.commit(Commit(dataclasses.replace(h, metadata={"n": "x" * 3000}), 0))
 
+    def log_restarts() -> int:
+        """The write-ahead log header's checkpoint sequence number: one more at each start
+        over."""
+        header = Path(str(path) + "-wal").read_bytes()[:16]
+        return int.from_bytes(header[12:16], "big")
+
+    # What each checkpoint found in the log (frames); the catch-up waits for the test, to
+    # see commits wait for it.
+    frames: list[int] = []
+    held, let_go = asyncio.Event(), asyncio.Event()
+    thread_read = store._read
+
+    async def read(fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if store._holding:
+            held.set()
+            await let_go.wait()
+        found = await thread_read(fn)
+        if isinstance(found, tuple) and len(found) == 3:
+            frames.append(found[1])
+        return found
+
+    monkeypatch.setattr(store, "_read", read)
     try:
         empty = path.stat().st_size
-        await commits(0, 12)
+        await commits(0, 12)  # two checkpoints, the log within WAL_FRAMES_MAX
         await until(lambda: path.stat().st_size > empty + 12 * 3000, what="the log copied")
-        assert not [s for s in on_writer if "wal_checkpoint" in s]
+        await until(lambda: store._checkpoint is None, what="the checkpoint done")
+        assert frames
+        assert not held.is_set()
 
         monkeypatch.setattr(sqlite_module, "WAL_FRAMES_MAX", 0)  # the log is "too long"
-        await commits(12, 10)
-        assert [s for s in on_writer if "wal_checkpoint" in s] == ["PRAGMA wal_checkpoint(PASSIVE)"]
+        await commits(12, 3)  # the fifteenth commit at the latest starts a checkpoint
+        await asyncio.wait_for(held.wait(), 10)
+        restarts = log_restarts()
+        checkpoints = len(frames)
+        waiting = asyncio.create_task(commits(15, 1))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # queued while the thread copies
+        assert log_restarts() == restarts
+        let_go.set()
+        await asyncio.wait_for(waiting, 10)
+        await until(lambda: store._checkpoint is None, what="the checkpoint done")
+        assert len(frames) == checkpoints + 1  # the catch-up
+        # The whole log was copied, so the commit that waited started it over.
+        assert log_restarts() == restarts + 1
+        assert not [s for s in on_writer if "checkpoint" in s]
         assert [h.id for h in await store.pending_before(10_000)][:3] == ["ho_0", "ho_1", "ho_2"]
     finally:
+        let_go.set()
         await store.close()
     reopened = await SqliteStore.open(str(path))
     try:
-        assert len(await reopened.pending_before(10_000)) == 22
+        assert len(await reopened.pending_before(10_000)) == 16
     finally:
         await reopened.close()
 

@@ -129,9 +129,12 @@ _Queued = tuple[Commit, "asyncio.Future[list[StoredEvent]]"]
 # In NORMAL mode the thread checkpoints the write-ahead log after every CHECKPOINT_EVERY
 # commits: four or five thousand pages at four or five a commit, more than SQLite's own
 # 1,000, since a page written many times is copied once a checkpoint (every 250 commits
-# cost more CPU in all, measured with a scratch script). A checkpoint
-# running beside the writer may never find the log wholly copied, and only then can the log
-# start over: past WAL_FRAMES_MAX frames, the writer checkpoints itself once, as SQLite would.
+# cost more CPU in all, measured with a scratch script). A checkpoint running beside the
+# writer may never find the log wholly copied, and only then can the log start over: once
+# it has grown past WAL_FRAMES_MAX frames, commits wait (queued, the event loop free) while
+# the thread checkpoints again, copying only what was appended meanwhile. (The writer
+# checkpointing itself on the event loop held it 10 to 15 ms under make bench's ingest load,
+# once a second; 3 to 7 ms even for those few frames, most of it the two syncs.)
 CHECKPOINT_EVERY = 1000
 WAL_FRAMES_MAX = 16_384
 
@@ -183,10 +186,10 @@ class SqliteStore:
         # Group commit (see ``commit``).
         self._queued: list[_Queued] = []
         self._flushing = False
+        self._holding = False  # commits wait for a checkpoint (see WAL_FRAMES_MAX)
         self._flush_tasks: set[asyncio.Task[None]] = set()
         # Checkpoints on the thread (NORMAL mode, see CHECKPOINT_EVERY).
         self._commits_unchecked = 0
-        self._wal_frames = 0  # as the last checkpoint found the log
         self._checkpoint: asyncio.Task[None] | None = None
         # Records by handoff id, and handoff ids by visitor id (see RECORDS_CACHED).
         self._records: collections.OrderedDict[str, Handoff] = collections.OrderedDict()
@@ -443,7 +446,7 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[StoredEvent]] = loop.create_future()
         self._queued.append((commit, done))
-        if not self._flushing:
+        if not self._flushing and not self._holding:
             self._flushing = True
             loop.call_soon(self._flush_soon)
         return await done
@@ -457,6 +460,9 @@ class SqliteStore:
             task.add_done_callback(self._flush_tasks.discard)
 
     def _flush_batch(self) -> None:
+        if self._holding and not self._closed:  # flushed when the checkpoint is done
+            self._flushing = False
+            return
         batch, self._queued = self._queued, []
         self._flushing = False
         if batch:
@@ -471,28 +477,30 @@ class SqliteStore:
                 self._start_checkpoint()
 
     def _start_checkpoint(self) -> None:
-        if self._wal_frames > WAL_FRAMES_MAX:
-            # The thread's checkpoints never caught up with the writer: nothing is written
-            # while this one runs, so it copies the whole log and the log can start over.
-            try:
-                self._wal_frames = 0
-                self._db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            except sqlite3.Error as exc:
-                log.warning("SQLite checkpoint failed; the next one retries: %s", exc)
-            return
         self._checkpoint = asyncio.get_running_loop().create_task(self._checkpoint_on_thread())
 
     async def _checkpoint_on_thread(self) -> None:
+        def checkpoint(db: sqlite3.Connection) -> tuple[int, int, int]:
+            busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(busy), int(frames), int(copied)
+
         try:
-            row = await self._read(
-                lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            )
-            self._wal_frames = int(row[1])
+            row = await self._read(checkpoint)
+            if int(row[1]) > WAL_FRAMES_MAX and not self._closed:
+                # Commits appended while the thread copied, so the log cannot start over;
+                # with commits held, this copies those frames only, and all of them.
+                self._holding = True
+                await self._read(checkpoint)
         except StoreUnavailable as exc:
             if not self._closed:
                 log.warning("SQLite checkpoint failed; the next one retries: %s", exc)
         finally:
             self._checkpoint = None
+            if self._holding:
+                self._holding = False
+                if self._queued and not self._flushing:
+                    self._flushing = True
+                    asyncio.get_running_loop().call_soon(self._flush_soon)
 
     async def _flush_on_thread(self) -> None:
         # Commits queued while a batch waits for the disk form the next batch.
