@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -13,9 +14,31 @@ from service.logs import configure_logging
 
 log = logging.getLogger("service")
 
+# Python's cycle collector, tuned for a long-running server (CPython's defaults are
+# 700, 10, 10): a collection every 50,000 allocations rather than 700 lets most of a
+# webhook's or an event's objects die before one runs, so far fewer reach the oldest
+# generation, whose full collections held the event loop 40 to 100 ms each, about every
+# four seconds, with 1,000 streams open under make bench's webhook load (measured with
+# gc.callbacks). With these settings the same run had none after start-up.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_garbage_collector() -> None:
+    """Once started: what start-up made stays (frozen: never scanned again), and the
+    collector runs less often (GC_THRESHOLDS). Cyclic garbage still goes, a little later."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    log.info(
+        "garbage collector: %d start-up objects frozen, a collection every %d allocations",
+        gc.get_freeze_count(),
+        GC_THRESHOLDS[0],
+    )
+
 
 async def serve(config: Config) -> None:
     running = await start_service(config)
+    tune_garbage_collector()
     if running.sandbox_http is not None:
         log.warning(
             "BREVO_API_KEY is not set: this service talks to the built-in Brevo SANDBOX at %s, "

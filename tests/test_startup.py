@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import sys
@@ -178,6 +179,10 @@ async def test_without_a_key_it_says_it_uses_the_sandbox_and_stops_on_sigterm(
         assert "BREVO_API_KEY is not set" in banner
         assert "SANDBOX" in banner
         assert "GRPC_AUTH_TOKENS is not set: any client that reaches the gRPC port" in banner
+        frozen = re.search(r"garbage collector: (\d+) start-up objects frozen", banner)
+        assert frozen is not None, banner
+        assert int(frozen[1]) > 10_000  # the modules, classes and functions loaded
+        assert "a collection every 50000 allocations" in banner
         async with grpc.aio.insecure_channel(f"127.0.0.1:{env['HANDOFF_GRPC_PORT']}") as channel:
             stub = pb_grpc.HandoffServiceStub(channel)
             started = await stub.StartHandoff(pb.StartHandoffRequest(conversation_id="smoke"))
