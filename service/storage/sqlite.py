@@ -43,7 +43,7 @@ from service.core.codec import (
 )
 from service.core.errors import ConcurrentUpdate, StoreUnavailable
 from service.core.models import Commit, Handoff, HandoffState, StoredEvent
-from service.core.ports import EventListener, InterruptListener
+from service.core.ports import EventListener, InterruptListener, WantsHandoff
 
 T = TypeVar("T")
 
@@ -249,7 +249,7 @@ class SqliteStore:
         self,
         listener: EventListener,
         on_interrupt: InterruptListener,
-        wants: Callable[[str], bool] | None = None,
+        wants: WantsHandoff | None = None,
     ) -> None:
         """``on_interrupt`` is never called: commits and delivery happen in this process.
         ``wants`` is not asked: the events are at hand already, decoded."""
@@ -443,13 +443,17 @@ class SqliteStore:
         """
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[list[StoredEvent]] = loop.create_future()
+        done: asyncio.Future[list[StoredEvent]] = asyncio.get_running_loop().create_future()
         self._queued.append((commit, done))
-        if not self._flushing and not self._holding:
-            self._flushing = True
-            loop.call_soon(self._flush_soon)
+        self._schedule_flush()
         return await done
+
+    def _schedule_flush(self) -> None:
+        """The queued commits go at the next turn of the event loop, unless a flush is due
+        already or a checkpoint holds them (it schedules one when it lets go)."""
+        if self._queued and not self._flushing and not self._holding:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush_soon)
 
     def _flush_soon(self) -> None:
         if self._inline:
@@ -485,8 +489,8 @@ class SqliteStore:
             return int(busy), int(frames), int(copied)
 
         try:
-            row = await self._read(checkpoint)
-            if int(row[1]) > WAL_FRAMES_MAX and not self._closed:
+            _, frames, _ = await self._read(checkpoint)
+            if frames > WAL_FRAMES_MAX and not self._closed:
                 # Commits appended while the thread copied, so the log cannot start over;
                 # with commits held, this copies those frames only, and all of them.
                 self._holding = True
@@ -498,9 +502,7 @@ class SqliteStore:
             self._checkpoint = None
             if self._holding:
                 self._holding = False
-                if self._queued and not self._flushing:
-                    self._flushing = True
-                    asyncio.get_running_loop().call_soon(self._flush_soon)
+                self._schedule_flush()
 
     async def _flush_on_thread(self) -> None:
         # Commits queued while a batch waits for the disk form the next batch.
