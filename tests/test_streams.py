@@ -4,7 +4,7 @@ interrupted feeds and cursors beyond the log."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from service.core.models import (
     SentMessage,
     StoredEvent,
 )
-from service.core.ports import EventListener, InterruptListener
+from service.core.ports import EventListener, InterruptListener, WantsHandoff
 from service.storage.sqlite import SqliteStore
 
 
@@ -163,7 +163,7 @@ class InterruptibleStore(SqliteStore):
         self,
         listener: EventListener,
         on_interrupt: InterruptListener,
-        wants: Callable[[str], bool] | None = None,
+        wants: WantsHandoff | None = None,
     ) -> None:
         super().set_listener(listener, on_interrupt, wants)
         self.interrupt = on_interrupt

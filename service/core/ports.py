@@ -11,6 +11,7 @@ from service.core.models import Commit, Handoff, SentMessage, StoredEvent
 
 EventListener = Callable[[Sequence[StoredEvent]], None]
 InterruptListener = Callable[[HandoffError], None]
+WantsHandoff = Callable[[str], bool]  # whether this process follows a handoff's events
 
 
 class BrevoApi(Protocol):
@@ -44,7 +45,7 @@ class HandoffStore(Protocol):
         self,
         listener: EventListener,
         on_interrupt: InterruptListener,
-        wants: Callable[[str], bool] | None = None,
+        wants: WantsHandoff | None = None,
     ) -> None: ...
 
     async def create_handoff(self, handoff: Handoff) -> tuple[Handoff, bool]:

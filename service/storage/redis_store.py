@@ -52,7 +52,7 @@ from service.core.codec import (
 )
 from service.core.errors import ConcurrentUpdate, CursorExpired, StoreUnavailable, StreamOverflow
 from service.core.models import Commit, Handoff, HandoffState, StoredEvent
-from service.core.ports import EventListener, InterruptListener
+from service.core.ports import EventListener, InterruptListener, WantsHandoff
 from service.storage import redis_scripts
 from service.storage.redis_locks import RedisLocks
 
@@ -203,7 +203,7 @@ class RedisStore:
         self._batches = _Batches(self._redis, settings.timeout_s)
         self._listener: EventListener | None = None
         self._on_interrupt: InterruptListener | None = None
-        self._wants: Callable[[str], bool] | None = None
+        self._wants: WantsHandoff | None = None
         self._tail_task: asyncio.Task[None] | None = None
         self._feed_connected = False
         self._feed_ready = asyncio.Event()
@@ -263,7 +263,7 @@ class RedisStore:
         self,
         listener: EventListener,
         on_interrupt: InterruptListener,
-        wants: Callable[[str], bool] | None = None,
+        wants: WantsHandoff | None = None,
     ) -> None:
         """``wants``: the feed decodes and hands over only the events of handoffs it wants
         (every replica reads every event; mostly another replica holds the stream)."""
@@ -301,7 +301,9 @@ class RedisStore:
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _batched(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+    async def _batched(
+        self, script: AsyncScript, keys: list[str], args: Sequence[str | int]
+    ) -> Any:
         """``script`` run in this turn's pipeline (see _Batches); loaded first if Redis lost
         it (a restart without persistence, SCRIPT FLUSH). Times out by itself."""
         try:
@@ -495,7 +497,7 @@ class RedisStore:
                     self._k("seen", handoff_id),
                     self._k("sent", handoff_id),
                 ],
-                list(unique),
+                unique,
             ),
             bounded=True,
         )
