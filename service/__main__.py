@@ -32,7 +32,7 @@ def tune_garbage_collector() -> None:
     log.info(
         "garbage collector: %d start-up objects frozen, a collection every %d allocations",
         gc.get_freeze_count(),
-        GC_THRESHOLDS[0],
+        gc.get_threshold()[0],
     )
 
 
