@@ -236,6 +236,7 @@ def _request_of(target: Target) -> Callable[[int], tuple[str, bytes]]:
 class _Sustained:
     """What the sustained-rate runs of one target add up to, over their rounds."""
 
+    rounds: int = 0
     posted: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     delivered: int = 0
@@ -264,6 +265,7 @@ async def _sustained_round(
     report = await clients.command(cmd="report")
     arrivals: list[int] = report["arrivals_ns"]
     total.seconds += (max(arrivals) - started_ns) / 1e9 if arrivals else float("nan")
+    total.rounds += 1
     total.posted += load.requests
     for status, count in load.statuses.items():
         total.statuses[status] = total.statuses.get(status, 0) + count
@@ -322,7 +324,7 @@ async def webhook_to_stream(
                 "latency_posted": lat.requests,
                 **latency_figures(latency_ms),
                 "latency_cdf_ms": cdf_points(latency_ms),
-                "rate_rounds": sizes.rounds,
+                "rate_rounds": total.rounds,
                 "rate_posted": total.posted,
                 "rate_acknowledged": total.statuses.get(200, 0),
                 "rate_statuses": {str(k): v for k, v in total.statuses.items()},
