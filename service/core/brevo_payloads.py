@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Final
 
 from service.core.errors import InvalidArgument
+from service.core.immutable import immutable
 
 CONVERSATION_STARTED: Final = "conversationStarted"
 CONVERSATION_FRAGMENT: Final = "conversationFragment"
@@ -30,7 +31,7 @@ class InvalidPayload(InvalidArgument):
         self.problem = problem
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class BrevoFile:
     name: str = ""
     link: str = ""
@@ -42,7 +43,7 @@ class BrevoFile:
     preview_url: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class BrevoMessage:
     id: str
     type: str = ""
@@ -58,14 +59,14 @@ class BrevoMessage:
     files: tuple[BrevoFile, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class BrevoAgent:
     id: str
     name: str = ""
     userpic: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class WebhookEvent:
     event_name: str
     conversation_id: str = ""
@@ -99,8 +100,12 @@ class _Reader:
 
     def text(self, obj: dict[str, object], key: str, where: str) -> str:
         value = obj.get(key)
-        if type(value) is str:  # the usual case first: a webhook holds a dozen of them
-            return value if value.isascii() else _clean(value)
+        if type(value) is str and value.isascii():  # the usual case: a dozen a webhook
+            return value
+        return self.text_of(value, key, where)
+
+    def text_of(self, value: object, key: str, where: str) -> str:
+        """``value`` (``key`` of ``where``) as text: '' when it is missing or unusable."""
         if value is None:
             return ""
         if isinstance(value, str):
@@ -144,7 +149,7 @@ class _Reader:
         if value is None:
             return None
         if isinstance(value, dict):
-            return {str(k): v for k, v in value.items()}
+            return value  # decoded JSON: its keys are strings
         self.problems.append(f"{where}.{key} is {type(value).__name__}, expected an object")
         return None
 
@@ -160,7 +165,7 @@ class _Reader:
         out: list[dict[str, object]] = []
         for index, item in enumerate(value):
             if isinstance(item, dict):
-                out.append({str(k): v for k, v in item.items()})
+                out.append(item)  # decoded JSON: its keys are strings
             else:
                 self.problems.append(f"{where}.{key}[{index}] is not an object; skipped")
         return out
@@ -181,29 +186,45 @@ class _Reader:
         )
 
     def message(self, raw: dict[str, object], where: str) -> BrevoMessage:
+        get = raw.get
         files: list[BrevoFile] = []
-        single = self.mapping(raw, "file", where)
-        if single is not None:
-            files.append(self.file(single, where + ".file"))
-        for index, item in enumerate(self.items(raw, "attachments", where)):
-            files.append(self.file(item, f"{where}.attachments[{index}]"))
-        created = self.number(raw, "createdAt", where)
-        if created is not None and not MIN_TIME_MS <= created <= MAX_TIME_MS:
-            self.problems.append(f"{where}.createdAt is outside the years 1-9999")
-            created = None
+        if get("file") is not None:
+            single = self.mapping(raw, "file", where)
+            if single is not None:
+                files.append(self.file(single, where + ".file"))
+        if get("attachments") is not None:
+            for index, item in enumerate(self.items(raw, "attachments", where)):
+                files.append(self.file(item, f"{where}.attachments[{index}]"))
+        created = get("createdAt")
+        if type(created) is not int or not MIN_TIME_MS <= created <= MAX_TIME_MS:
+            created = self.number(raw, "createdAt", where)
+            if created is not None and not MIN_TIME_MS <= created <= MAX_TIME_MS:
+                self.problems.append(f"{where}.createdAt is outside the years 1-9999")
+                created = None
+        # The text fields in one loop rather than a ``text`` call each: a webhook's
+        # messages are most of its parsing.
+        texts: list[str] = []
+        for key in _MESSAGE_TEXTS:
+            value = get(key)
+            texts.append(
+                value if type(value) is str and value.isascii() else self.text_of(value, key, where)
+            )
+        message_id, kind, text, html, agent_id, agent_name, userpic, received_from = texts
+        pushed = get("isPushed")
+        trigger = get("isTrigger")
         message = BrevoMessage(
-            id=self.text(raw, "id", where),
-            type=self.text(raw, "type", where),
-            text=self.text(raw, "text", where),
-            html=self.text(raw, "html", where),
-            created_at_ms=created,
-            agent_id=self.text(raw, "agentId", where),
-            agent_name=self.text(raw, "agentName", where),
-            agent_userpic=self.text(raw, "agentUserpic", where),
-            received_from=self.text(raw, "receivedFrom", where),
-            is_pushed=bool(self.flag(raw, "isPushed", where)),
-            is_trigger=bool(self.flag(raw, "isTrigger", where)),
-            files=tuple(f for f in files if f.link or f.name),
+            message_id,
+            kind,
+            text,
+            html,
+            created,
+            agent_id,
+            agent_name,
+            userpic,
+            received_from,
+            pushed if type(pushed) is bool else bool(self.flag(raw, "isPushed", where)),
+            trigger if type(trigger) is bool else bool(self.flag(raw, "isTrigger", where)),
+            tuple(f for f in files if f.link or f.name) if files else (),
         )
         if not message.id:
             # Without an id a message can still be deduplicated by what it says.
@@ -215,11 +236,24 @@ class _Reader:
         return message
 
 
+# A message's text fields, in BrevoMessage's order (see _Reader.message).
+_MESSAGE_TEXTS: Final = (
+    "id",
+    "type",
+    "text",
+    "html",
+    "agentId",
+    "agentName",
+    "agentUserpic",
+    "receivedFrom",
+)
+
+
 def parse_webhook(body: object) -> WebhookEvent:
     """Reads a decoded JSON body. Raises InvalidPayload only when it is not a webhook at all."""
     if not isinstance(body, dict):
         raise InvalidPayload(f"expected a JSON object, got {_json_kind(body)}")
-    obj: dict[str, object] = {str(k): v for k, v in body.items()}
+    obj: dict[str, object] = body  # decoded JSON: its keys are strings
     name = obj.get("eventName")
     if not isinstance(name, str) or not name:
         raise InvalidPayload("eventName is missing or not a string")
@@ -232,7 +266,7 @@ def parse_webhook(body: object) -> WebhookEvent:
         if first is not None:
             raw_messages.insert(0, first)
     messages = tuple(
-        reader.message(raw, f"body.messages[{index}]") for index, raw in enumerate(raw_messages)
+        [reader.message(raw, f"body.messages[{index}]") for index, raw in enumerate(raw_messages)]
     )
     agents: dict[str, BrevoAgent] = {}
     for index, raw in enumerate(reader.items(obj, "agents", "body")):

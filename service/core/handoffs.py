@@ -9,11 +9,12 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from service.core import errors
 from service.core.brevo_payloads import KNOWN_EVENTS, WebhookEvent, parse_webhook
 from service.core.fanout import EventHub
+from service.core.immutable import immutable
 from service.core.inbound import ServiceIdentity, plan_inbound
 from service.core.locks import KeyedLocks
 from service.core.log_context import bind_handoff
@@ -49,7 +50,7 @@ COMMIT_ATTEMPTS = 20
 RELEASE_SWEEP_S = 1.0  # how often held messages a lost timer left behind are looked for
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class HandoffSettings:
     identity: ServiceIdentity
     user_prefix: str = "Botpress User: "
@@ -68,7 +69,7 @@ class HandoffSettings:
     log_message_text: bool = False  # personal data: only when debugging asks for it
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class StartRequest:
     conversation_id: str
     user: User = field(default_factory=User)
@@ -78,13 +79,13 @@ class StartRequest:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class SendResult:
     brevo_message_id: str
     duplicate: bool
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class WebhookOutcome:
     """What the gateway answers Brevo: ``outcome`` is stored, duplicate, ignored or unknown."""
 

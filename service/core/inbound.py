@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from dataclasses import dataclass
 
 from service.core.brevo_payloads import (
     CONVERSATION_TRANSCRIPT,
@@ -16,6 +15,7 @@ from service.core.brevo_payloads import (
     BrevoMessage,
     WebhookEvent,
 )
+from service.core.immutable import immutable
 from service.core.models import (
     Agent,
     AgentMessage,
@@ -32,7 +32,7 @@ from service.core.models import (
 from service.core.reorder import release_held
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class ServiceIdentity:
     """How the service's own posts look when Brevo echoes them back."""
 
@@ -40,7 +40,7 @@ class ServiceIdentity:
     received_from: str
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class InboundPlan:
     handoff: Handoff
     events: tuple[NewEvent, ...]
@@ -93,7 +93,9 @@ def plan_inbound(
     elif event.no_agent_available is False:
         no_agent = False
 
-    known = [*handoff.agents, *(m.message.agent for m in handoff.held)]
+    known = list(handoff.agents)
+    if handoff.held:
+        known += [m.message.agent for m in handoff.held]
     held: list[HeldMessage] = []
     handled: list[str] = []
     handled_here: set[str] = set()
@@ -108,7 +110,7 @@ def plan_inbound(
             dropped[reason] += 1
             continue
         agent = _agent_of(message, event, known)
-        if all(k.id != agent.id for k in known):
+        if agent not in known and all(k.id != agent.id for k in known):
             known.append(agent)
         held.append(
             HeldMessage(
@@ -117,7 +119,7 @@ def plan_inbound(
                     agent=agent,
                     text=message.text,
                     html=message.html,
-                    attachments=tuple(_attachment(f) for f in message.files),
+                    attachments=tuple([_attachment(f) for f in message.files]),
                 ),
                 created_at_ms=_time(message, now_ms),
                 arrived_at_ms=received,
@@ -151,6 +153,8 @@ def plan_inbound(
 
 def sort_messages(messages: tuple[BrevoMessage, ...], now_ms: int) -> list[BrevoMessage]:
     """createdAt order; a message without createdAt counts as arriving now; ties keep arrival."""
+    if len(messages) == 1:  # the usual webhook
+        return list(messages)
     indexed = list(enumerate(messages))
     indexed.sort(key=lambda pair: (_time(pair[1], now_ms), pair[0]))
     return [message for _, message in indexed]
@@ -184,15 +188,21 @@ def _agent_of(message: BrevoMessage, event: WebhookEvent, known: list[Agent]) ->
     agent_id = message.agent_id or (
         f"name:{message.agent_name}" if message.agent_name else "unknown"
     )
-    listed = event.agents.get(message.agent_id)
-    seen = next((a for a in known if a.id == agent_id), None)
-    return Agent(
-        id=agent_id,
-        name=message.agent_name or (listed.name if listed else "") or (seen.name if seen else ""),
-        picture_url=message.agent_userpic
+    listed = event.agents.get(message.agent_id) if event.agents else None
+    seen = None
+    for candidate in known:
+        if candidate.id == agent_id:
+            seen = candidate
+            break
+    name = message.agent_name or (listed.name if listed else "") or (seen.name if seen else "")
+    picture_url = (
+        message.agent_userpic
         or (listed.userpic if listed else "")
-        or (seen.picture_url if seen else ""),
+        or (seen.picture_url if seen else "")
     )
+    if seen is not None and seen.name == name and seen.picture_url == picture_url:
+        return seen  # the usual case: an agent the handoff knows, unchanged
+    return Agent(agent_id, name, picture_url)
 
 
 def attachment_kind(mime_type: str, is_image: bool) -> AttachmentKind:

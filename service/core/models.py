@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TypeAlias
+
+from service.core.immutable import immutable
 
 
 class HandoffState(enum.StrEnum):
@@ -31,14 +33,14 @@ class AttachmentKind(enum.StrEnum):
     VIDEO = "VIDEO"
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Agent:
     id: str
     name: str = ""
     picture_url: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Attachment:
     url: str
     name: str = ""
@@ -50,7 +52,7 @@ class Attachment:
     preview_url: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class User:
     id: str = ""
     name: str = ""
@@ -59,14 +61,14 @@ class User:
     attributes: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class HistoryTurn:
     role: Role
     text: str
     time_ms: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Handoff:
     """One conversation handed to Brevo. ``version`` increases with every stored change."""
 
@@ -101,13 +103,26 @@ class Handoff:
         return min(m.release_at_ms for m in self.held)
 
     def at_version(self, version: int) -> Handoff:
-        """This record at ``version``: what a store caches once it has written it.
-        ``dataclasses.replace`` took twice as long, and this is done on every commit."""
-        copy = object.__new__(Handoff)
-        for name in Handoff.__slots__:
-            object.__setattr__(copy, name, getattr(self, name))
-        object.__setattr__(copy, "version", version)
-        return copy
+        """This record at ``version``: what a store caches once it has written it. On every
+        commit: the fields spelt out cost 0.7 µs, ``dataclasses.replace`` 1.9 µs
+        (``python -m bench.micro``)."""
+        return Handoff(
+            id=self.id,
+            conversation_id=self.conversation_id,
+            visitor_id=self.visitor_id,
+            state=self.state,
+            created_at_ms=self.created_at_ms,
+            updated_at_ms=self.updated_at_ms,
+            version=version,
+            end_reason=self.end_reason,
+            brevo_conversation_id=self.brevo_conversation_id,
+            agents=self.agents,
+            metadata=self.metadata,
+            no_agent_available=self.no_agent_available,
+            opening_parts=self.opening_parts,
+            opening_posted=self.opening_posted,
+            held=self.held,
+        )
 
     @property
     def opening_complete(self) -> bool:
@@ -117,7 +132,7 @@ class Handoff:
 # --- Event payloads: what a stream carries -------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class AgentMessage:
     brevo_message_id: str
     agent: Agent
@@ -126,17 +141,17 @@ class AgentMessage:
     attachments: tuple[Attachment, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class AgentJoined:
     agent: Agent
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class NoAgentAvailable:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class HandoffEnded:
     reason: EndReason
 
@@ -144,7 +159,7 @@ class HandoffEnded:
 EventPayload: TypeAlias = AgentMessage | AgentJoined | NoAgentAvailable | HandoffEnded
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class HeldMessage:
     """An agent's message that is stored but not yet in the event log.
 
@@ -159,7 +174,7 @@ class HeldMessage:
     release_at_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class NewEvent:
     """An event about to be stored: the store gives it its position."""
 
@@ -180,7 +195,7 @@ class NewEvent:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class StoredEvent:
     """An event in the log. ``seq`` orders every event of the deployment."""
 
@@ -196,7 +211,7 @@ class StoredEvent:
         return encode_cursor(self.seq)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Heartbeat:
     """Nothing happened for a while: keeps idle streams alive. Not stored."""
 
@@ -221,7 +236,7 @@ def decode_cursor(cursor: str) -> int | None:
     return int(digits)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class SentMessage:
     """What Brevo answered to a message the service posted."""
 
@@ -229,7 +244,7 @@ class SentMessage:
     created_at_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Commit:
     """One atomic change to a handoff: its new record, new events, and the ids to remember.
 

@@ -45,7 +45,7 @@ def release_held(
     if not holding:
         return handoff, ()
     # Stable: messages created at the same time keep their arrival order.
-    ordered = sorted(holding, key=lambda m: m.created_at_ms)
+    ordered = sorted(holding, key=_created) if len(holding) > 1 else list(holding)
     if flush:
         cut = len(ordered)
     else:
@@ -53,14 +53,17 @@ def release_held(
         if not due:
             return (dataclasses.replace(handoff, held=holding) if arriving else handoff), ()
         newest_due = max(due)
-        cut = sum(1 for m in ordered if m.created_at_ms <= newest_due)
+        cut = 0
+        for m in ordered:
+            if m.created_at_ms <= newest_due:
+                cut += 1
     released, kept = ordered[:cut], ordered[cut:]
     agents = list(handoff.agents)
     events: list[NewEvent] = []
     # ``released`` is never empty here: ``flush`` with something held, or a due message.
     for held in released:
         agent = held.message.agent
-        if all(known.id != agent.id for known in agents):
+        if agent not in agents and all(known.id != agent.id for known in agents):
             agents.append(agent)
             events.append(NewEvent(held.created_at_ms, AgentJoined(agent), held.arrived_at_ms))
         events.append(NewEvent(held.created_at_ms, held.message, held.arrived_at_ms))
@@ -81,3 +84,7 @@ def release_held(
         updated_at_ms=now_ms if handoff.state is not HandoffState.ACTIVE else handoff.updated_at_ms,
     )
     return changed, tuple(events)
+
+
+def _created(message: HeldMessage) -> int:
+    return message.created_at_ms
