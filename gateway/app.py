@@ -59,6 +59,7 @@ class BrevoWebhook:
         self._metrics = metrics
         self._sources = sources
         self._proxy_header = sources.proxy_header.lower().encode("latin-1")
+        self._answers: dict[tuple[str, int], bytes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """As a Starlette endpoint: the token is the route's path parameter."""
@@ -66,7 +67,7 @@ class BrevoWebhook:
 
     async def handle(self, token: str, scope: Scope, receive: Receive, send: Send) -> None:
         status, answer = await self._answer(token, scope, receive)
-        body = json_text(answer).encode()
+        body = answer if isinstance(answer, bytes) else json_text(answer).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -100,21 +101,23 @@ class BrevoWebhook:
 
     async def _answer(
         self, token: str, scope: Scope, receive: Receive
-    ) -> tuple[int, dict[str, object]]:
+    ) -> tuple[int, dict[str, object] | bytes]:
+        """The status and the answer: an object to encode, or one encoded already."""
         received_at_ms = time.time_ns() // 1_000_000
         counted = self._metrics
         # Neither check says which failed, nor logs the path: it holds a token.
-        client = scope.get("client")
-        forwarded = (
-            [v.decode("latin-1") for n, v in scope["headers"] if n == self._proxy_header]
-            if self._proxy_header
-            else []
-        )
-        source = self._sources.source(client[0] if client else None, forwarded)
-        if not self._sources.allows(source):
-            counted.webhook("", "forbidden_source")
-            log.warning("webhook refused: %s is outside WEBHOOK_ALLOWED_CIDRS", source)
-            return 404, {"error": "not found"}
+        if self._sources.networks:
+            client = scope.get("client")
+            forwarded = (
+                [v.decode("latin-1") for n, v in scope["headers"] if n == self._proxy_header]
+                if self._proxy_header
+                else []
+            )
+            source = self._sources.source(client[0] if client else None, forwarded)
+            if not self._sources.allows(source):
+                counted.webhook("", "forbidden_source")
+                log.warning("webhook refused: %s is outside WEBHOOK_ALLOWED_CIDRS", source)
+                return 404, {"error": "not found"}
         if not self._tokens.accepts(token):
             counted.webhook("", "unauthorized")
             return 404, {"error": "not found"}
@@ -157,13 +160,24 @@ class BrevoWebhook:
         counted.webhook(outcome.event_name, outcome.outcome)
         # One line per webhook only when debugging: at Brevo's rates it would be most of the
         # log and a tenth of the webhook's cost; the metrics count every outcome.
-        log.debug(
-            "webhook %s: %d event(s)",
-            outcome.outcome,
-            outcome.events,
-            extra={"handoff_id": outcome.handoff_id},
-        )
-        return 200, {"outcome": outcome.outcome, "events": outcome.events}
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "webhook %s: %d event(s)",
+                outcome.outcome,
+                outcome.events,
+                extra={"handoff_id": outcome.handoff_id},
+            )
+        return 200, self._success_answer(outcome.outcome, outcome.events)
+
+    def _success_answer(self, outcome: str, events: int) -> bytes:
+        """``{"outcome": ..., "events": ...}`` encoded: the few there are are kept."""
+        key = (outcome, events)
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = orjson.dumps({"outcome": outcome, "events": events})
+            if len(self._answers) < 256:
+                self._answers[key] = answer
+        return answer
 
 
 WEBHOOK_PREFIX = "/webhooks/brevo/"

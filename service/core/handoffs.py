@@ -484,17 +484,21 @@ class HandoffManager:
                     )
                 except errors.ConcurrentUpdate:
                     continue
-                self._count_dropped(plan.dropped)
-                self._schedule_release(plan.handoff)
+                if plan.dropped:
+                    self._count_dropped(plan.dropped)
+                if plan.handoff.held:
+                    self._schedule_release(plan.handoff)
                 self.stats["webhooks_stored"] += 1
+                debugging = log.isEnabledFor(logging.DEBUG)
                 for new in plan.events:
                     if isinstance(new.payload, AgentMessage):
                         self.stats["messages_from_agent"] += 1
-                        log.debug(
-                            "agent message %s stored: %s",
-                            new.payload.brevo_message_id,
-                            self._loggable(new.payload.text),
-                        )
+                        if debugging:
+                            log.debug(
+                                "agent message %s stored: %s",
+                                new.payload.brevo_message_id,
+                                self._loggable(new.payload.text),
+                            )
                 return WebhookOutcome("stored", len(stored), current.id, event.event_name)
         raise errors.StoreUnavailable("the handoff kept changing; retry the webhook")
 
