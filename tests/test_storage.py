@@ -316,6 +316,45 @@ async def test_commits_still_queued_when_the_store_closes_are_written_first(
         assert again.version == 1
 
 
+async def test_a_commit_leaving_the_record_as_it_was_moves_its_version_for_every_read(
+    opener: Opener,
+) -> None:
+    """The usual webhook adds events and message ids and leaves the record as it was (SQLite
+    then writes only the version column): every read, before and after reopening, has the
+    new version, and a writer that read the old one still loses."""
+    store = await opener()
+    pending, _ = await store.create_handoff(
+        dataclasses.replace(sample_handoff(1), brevo_conversation_id="chat-1")
+    )
+    for expected in (0, 1):
+        current = await store.get_handoff("ho_1")
+        assert current is not None
+        assert current.version == expected
+        await store.commit(
+            Commit(
+                current,
+                expected,
+                events=(NewEvent(expected, NoAgentAvailable()),),
+                seen_message_ids=(f"m{expected}",),
+            )
+        )
+    with pytest.raises(ConcurrentUpdate):
+        await store.commit(Commit(pending, 1, seen_message_ids=("stale",)))
+    await store.close()
+    reopened = await opener()
+    at_two = dataclasses.replace(pending, version=2)
+    assert await reopened.get_handoff("ho_1") == at_two
+    assert await reopened.find_open_by_conversation("conv-1") == at_two
+    assert await reopened.find_by_brevo_conversation("chat-1") == at_two
+    assert await reopened.pending_before(10_000) == [at_two]
+    assert await known(reopened, "ho_1", ["m0", "m1", "stale"]) == ({"m0", "m1"}, set())
+    with pytest.raises(ConcurrentUpdate):
+        await reopened.commit(Commit(pending, 1, seen_message_ids=("stale",)))
+    ended = dataclasses.replace(at_two, state=HandoffState.ENDED, end_reason=EndReason.TIMED_OUT)
+    await reopened.commit(Commit(ended, 2))
+    assert await reopened.get_handoff("ho_1") == dataclasses.replace(ended, version=3)
+
+
 async def test_everything_survives_reopening(opener: Opener) -> None:
     store = await opener()
     h, _ = await store.create_handoff(sample_handoff(1))

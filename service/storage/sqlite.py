@@ -101,6 +101,13 @@ _UPDATE_ALL = (
     " release_at_ms = ? WHERE id = ? AND version = ?"
 )
 _UPDATE_RECORD = "UPDATE handoffs SET version = ?, record = ? WHERE id = ? AND version = ?"
+# The usual webhook leaves the record as it was and only moves its version on: the record's
+# text stays, and the ``version`` column is what a read takes (the text's own version field
+# may then lag behind it; it is never read). Encoding the record was a tenth of a webhook's
+# own work.
+_UPDATE_VERSION = "UPDATE handoffs SET version = ? WHERE id = ? AND version = ?"
+# Every read of a record: its text and its version.
+_RECORD = "SELECT record, version FROM handoffs"
 
 _READ_ALL_EVENTS = (
     "SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload, received_at_ms"
@@ -155,6 +162,12 @@ def _only_writer(path: str) -> int:
             "of its own, and replicas that share their state need REDIS_URL"
         ) from None
     return descriptor
+
+
+def _record(row: tuple[str, int]) -> Handoff:
+    """A handoff from its row's ``record`` and ``version`` (see _UPDATE_VERSION)."""
+    handoff = handoff_from_json(row[0])
+    return handoff if handoff.version == row[1] else handoff.at_version(row[1])
 
 
 def _unavailable(exc: Exception) -> Exception:
@@ -319,7 +332,7 @@ class SqliteStore:
                 )
             except sqlite3.IntegrityError:
                 existing = self._one(
-                    "SELECT record FROM handoffs WHERE conversation_id = ? AND state != 'ENDED'",
+                    _RECORD + " WHERE conversation_id = ? AND state != 'ENDED'",
                     (handoff.conversation_id,),
                 )
                 if existing is None:
@@ -333,7 +346,7 @@ class SqliteStore:
 
     def _one(self, sql: str, args: tuple[object, ...]) -> Handoff | None:
         row = self._db().execute(sql, args).fetchone()
-        return handoff_from_json(row[0]) if row else None
+        return _record(row) if row else None
 
     def _remembered(self, handoff: Handoff | None) -> Handoff | None:
         if handoff is not None:
@@ -371,7 +384,7 @@ class SqliteStore:
         cached = self._cached(cached_id)
         if cached is not None:
             return cached
-        sql = f"SELECT record FROM handoffs WHERE {column} = ?"  # noqa: S608 (fixed names)
+        sql = f"{_RECORD} WHERE {column} = ?"
         return self._remembered(await self._run(lambda: self._one(sql, (value,))))
 
     async def get_handoff(self, handoff_id: str) -> Handoff | None:
@@ -380,7 +393,7 @@ class SqliteStore:
     async def find_open_by_conversation(self, conversation_id: str) -> Handoff | None:
         return await self._run(
             lambda: self._one(
-                "SELECT record FROM handoffs WHERE conversation_id = ? AND state != 'ENDED'",
+                _RECORD + " WHERE conversation_id = ? AND state != 'ENDED'",
                 (conversation_id,),
             )
         )
@@ -404,7 +417,7 @@ class SqliteStore:
     async def find_by_brevo_conversation(self, brevo_conversation_id: str) -> Handoff | None:
         return await self._run(
             lambda: self._one(
-                "SELECT record FROM handoffs WHERE brevo_conversation_id = ?"
+                _RECORD + " WHERE brevo_conversation_id = ?"
                 " ORDER BY created_at_ms DESC LIMIT 1",
                 (brevo_conversation_id,),
             )
@@ -413,21 +426,21 @@ class SqliteStore:
     async def pending_before(self, created_before_ms: int) -> list[Handoff]:
         def pending(db: sqlite3.Connection) -> list[Handoff]:
             rows = db.execute(
-                "SELECT record FROM handoffs WHERE state = ? AND created_at_ms < ?"
+                _RECORD + " WHERE state = ? AND created_at_ms < ?"
                 " ORDER BY created_at_ms",
                 (HandoffState.PENDING_AGENT.value, created_before_ms),
             )
-            return [handoff_from_json(r[0]) for r in rows]
+            return [_record(r) for r in rows]
 
         return await self._read(pending)
 
     async def held_due(self, release_before_ms: int) -> list[Handoff]:
         def due(db: sqlite3.Connection) -> list[Handoff]:
             rows = db.execute(
-                "SELECT record FROM handoffs WHERE release_at_ms <= ? ORDER BY release_at_ms",
+                _RECORD + " WHERE release_at_ms <= ? ORDER BY release_at_ms",
                 (release_before_ms,),
             )
-            return [handoff_from_json(r[0]) for r in rows]
+            return [_record(r) for r in rows]
 
         return await self._read(due)
 
@@ -561,26 +574,24 @@ class SqliteStore:
             if not done.done():
                 done.set_result(outcome)
 
-    def _indexed_columns_unchanged(self, commit: Commit) -> bool:
-        """Whether the commit leaves the indexed columns as the file has them (known from
-        the cached record at the expected version): the usual webhook's case."""
+    def _apply(self, db: sqlite3.Connection, commit: Commit) -> list[StoredEvent]:
+        """Writes one commit; its first statement checks the version (and writes nothing
+        when it is stale). What it writes of the record depends on what changed, known from
+        the cached record at the expected version: nothing but the version (the usual
+        webhook), the record's text, or the indexed columns too."""
         h = commit.handoff
+        version = commit.expected_version
         before = self._records.get(h.id)
-        return (
+        if before is not None and before.version == version and (h is before or h == before):
+            updated = db.execute(_UPDATE_VERSION, (version + 1, h.id, version)).rowcount
+        elif (
             before is not None
-            and before.version == commit.expected_version
+            and before.version == version
             and before.state is h.state
             and before.brevo_conversation_id == h.brevo_conversation_id
             and before.next_release_ms == h.next_release_ms
-        )
-
-    def _apply(self, db: sqlite3.Connection, commit: Commit) -> list[StoredEvent]:
-        """Writes one commit; its first statement checks the version (and writes nothing
-        when it is stale)."""
-        h = commit.handoff
-        version = commit.expected_version
-        record = handoff_to_json(h, version=version + 1)
-        if self._indexed_columns_unchanged(commit):
+        ):
+            record = handoff_to_json(h, version=version + 1)
             updated = db.execute(_UPDATE_RECORD, (version + 1, record, h.id, version)).rowcount
         else:
             updated = db.execute(
@@ -589,7 +600,7 @@ class SqliteStore:
                     h.state.value,
                     h.brevo_conversation_id,
                     version + 1,
-                    record,
+                    handoff_to_json(h, version=version + 1),
                     h.next_release_ms,
                     h.id,
                     version,
