@@ -1,25 +1,37 @@
-"""``python -m bench.micro``: what one call of the core's hot paths costs, in-process.
+"""``python -m bench.micro``: what the webhook's own work costs, in-process.
 
-The figures the code's comments quote about a webhook's own work (parsing, planning, the
-value classes) come from here; ``make bench`` measures the service as a whole. Each figure
-is the best of five runs of ``timeit`` on one process, in microseconds a call; like every
-timing on these machines it moves by a tenth or so between runs, so compare figures of one
-run with each other.
+Two parts: one call of each of the core's hot paths (the best of five runs of ``timeit``),
+and the webhook route as a whole, the gateway's ASGI app called directly by 16 concurrent
+callers against a service on a new SQLite file (CPU per webhook; no HTTP server, no
+sockets: ``make bench`` measures those with the rest). The figures the code's comments quote
+about a webhook's own work come from here. Like every timing on these machines they move by
+a tenth or so between runs: compare figures of one run with each other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import itertools
+import tempfile
+import time
 import timeit
 from collections.abc import Callable
+from pathlib import Path
 
 import orjson
 
 from bench.scenarios import fragment
+from gateway.app import create_gateway
+from service.app import start_service
+from service.config import load_config
+from service.core.access import TokenSet
 from service.core.brevo_payloads import parse_webhook
+from service.core.handoffs import StartRequest
 from service.core.immutable import immutable
 from service.core.inbound import ServiceIdentity, plan_inbound
 from service.core.models import Agent, Handoff, HandoffState
+from service.metrics import Metrics
 
 CALLS = 100_000
 
@@ -98,9 +110,77 @@ def figures(calls: int = CALLS) -> dict[str, float]:
     }
 
 
+WEBHOOKS = 50_000
+CALLERS = 16
+HANDOFFS = 50
+
+
+async def webhook_cpu_us(webhooks: int = WEBHOOKS) -> tuple[float, dict[int, int]]:
+    """CPU per webhook of the gateway's route, called in-process by CALLERS concurrent
+    callers with fragments of one agent message each for HANDOFFS handoffs, on a service
+    with a new SQLite file; and the statuses it answered."""
+    with tempfile.TemporaryDirectory() as folder:
+        config = load_config(
+            [
+                "--host=127.0.0.1",
+                "--grpc-port=0",
+                "--http-port=0",
+                "--sandbox-port=0",
+                "--sandbox-agent=off",
+                f"--sqlite-path={Path(folder) / 'micro.db'}",
+                "--brevo-agent-id=bench-service-agent",
+            ],
+            environ={},
+        )
+        running = await start_service(config)
+        try:
+            visitors = []
+            for n in range(HANDOFFS):
+                handoff, _ = await running.manager.start(StartRequest(f"micro-{n}"))
+                visitors.append(handoff.visitor_id)
+            route = create_gateway(running.manager, TokenSet(["micro"]), 1 << 20, Metrics())
+            bodies = iter([fragment(visitors[n % HANDOFFS]) for n in range(webhooks)])
+            statuses: dict[int, int] = {}
+
+            async def call(body: bytes) -> None:
+                async def receive() -> dict[str, object]:
+                    return {"type": "http.request", "body": body, "more_body": False}
+
+                async def send(message: dict[str, object]) -> None:
+                    if message["type"] == "http.response.start":
+                        status = int(str(message["status"]))
+                        statuses[status] = statuses.get(status, 0) + 1
+
+                scope = {
+                    "type": "http",
+                    "method": "POST",
+                    "path": "/webhooks/brevo/micro",
+                    "root_path": "",
+                    "headers": [(b"content-type", b"application/json")],
+                    "client": ("127.0.0.1", 40000),
+                }
+                await route(scope, receive, send)  # type: ignore[arg-type]
+
+            async def caller(todo: itertools.islice[bytes]) -> None:
+                for body in todo:
+                    await call(body)
+
+            warm_up = itertools.islice(bodies, webhooks // 10)
+            await asyncio.gather(*(caller(warm_up) for _ in range(CALLERS)))
+            measured = itertools.islice(bodies, webhooks)
+            started = time.process_time()
+            await asyncio.gather(*(caller(measured) for _ in range(CALLERS)))
+            spent = time.process_time() - started
+        finally:
+            await running.stop()
+    return spent / (webhooks - webhooks // 10) * 1e6, statuses
+
+
 def main() -> None:
     for name, us in figures().items():
         print(f"{name:34s} {us:6.2f} µs")
+    cpu_us, statuses = asyncio.run(webhook_cpu_us())
+    print(f"{'webhook route, in-process':34s} {cpu_us:6.2f} µs of CPU a webhook {statuses}")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,8 @@ from pathlib import Path
 
 from mypy import api as mypy_api
 
-from bench.micro import figures
 from service.core.immutable import immutable
 from service.core.models import Agent, AgentMessage
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @immutable
@@ -47,17 +44,3 @@ def test_mypy_refuses_an_assignment_to_a_field_of_an_immutable_class(tmp_path: P
     assert status == 1, out
     assert 'assigns.py:3: error: Property "name" defined in "Agent" is read-only' in out
     assert "Found 1 error in 1 file" in out
-
-
-def test_the_micro_benchmark_reports_each_hot_path() -> None:
-    costs = figures(calls=20)
-    assert set(costs) == {
-        "frozen dataclass, 12 fields",
-        "@immutable class, 12 fields",
-        "orjson.loads (a fragment)",
-        "parse_webhook (a fragment)",
-        "plan_inbound (one agent reply)",
-        "Handoff.at_version",
-        "dataclasses.replace(Handoff)",
-    }
-    assert all(0 < us < 10_000 for us in costs.values()), costs

@@ -542,6 +542,60 @@ async def test_sqlite_answers_known_ids_from_memory_and_only_what_the_file_holds
         await store.close()
 
 
+async def test_a_new_sqlite_file_has_small_pages_and_an_older_file_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    older = tmp_path / "older.db"
+    made = sqlite3.connect(older)
+    made.execute("PRAGMA page_size=4096")
+    made.execute("CREATE TABLE earlier (x)")
+    made.close()
+    for path, size in ((tmp_path / "new.db", sqlite_module.PAGE_SIZE), (older, 4096)):
+        store = await SqliteStore.open(str(path))
+        try:
+            h, _ = await store.create_handoff(sample_handoff(1))
+            await store.commit(Commit(h, 0, events=(NewEvent(1, NoAgentAvailable()),)))
+            assert store._db().execute("PRAGMA page_size").fetchone() == (size,)
+        finally:
+            await store.close()
+    assert sqlite_module.PAGE_SIZE == 2048
+
+
+async def test_sqlite_keeps_the_ids_of_the_handoffs_used_last_within_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past IDS_CACHED ids in all, the handoffs whose webhooks came least recently give
+    theirs up (and ask the file once at their next webhook), rather than every new handoff
+    asking the file at each of its webhooks."""
+    monkeypatch.setattr(sqlite_module, "IDS_CACHED", 5)
+    store = await SqliteStore.open(str(tmp_path / "budget.db"))
+    statements: list[str] = []
+    store._db().set_trace_callback(statements.append)
+
+    def id_reads() -> int:
+        return sum("FROM seen_messages" in s for s in statements)
+
+    try:
+        handoffs = [(await store.create_handoff(sample_handoff(n)))[0] for n in range(3)]
+        for n, h in enumerate(handoffs):  # two ids each: 2, 4, then 6 > 5
+            assert await known(store, h.id, []) == (set(), set())
+            await store.commit(Commit(h, 0, seen_message_ids=(f"a{n}", f"b{n}")))
+        assert id_reads() == 3  # each handoff's first webhook read its ids
+        # ho_0 was used least recently: its ids went to make room for ho_2's.
+        assert await known(store, "ho_2", ["a2", "x"]) == ({"a2"}, set())
+        assert await known(store, "ho_1", ["b1"]) == ({"b1"}, set())
+        assert id_reads() == 3
+        assert await known(store, "ho_0", ["a0", "b0", "x"]) == ({"a0", "b0"}, set())
+        assert id_reads() == 4  # read from the file once, kept again (ho_2's went)
+        assert await known(store, "ho_0", ["b0"]) == ({"b0"}, set())
+        assert await known(store, "ho_1", ["a1"]) == ({"a1"}, set())
+        assert id_reads() == 4
+        assert await known(store, "ho_2", ["b2"]) == ({"b2"}, set())
+        assert id_reads() == 5
+    finally:
+        await store.close()
+
+
 async def test_sqlite_checkpoints_on_its_thread_holding_commits_when_they_fall_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -127,7 +127,9 @@ RECORDS_CACHED = 4096
 # With a record, the message ids its handoff has seen and sent, while they are no more than
 # IDS_CACHED_PER_HANDOFF and all cached ids no more than IDS_CACHED (about 100 bytes each): a
 # webhook then learns which of its ids are known without a statement (one of a webhook's
-# three). Past either limit, a handoff's ids are asked of the file each time.
+# three). Past the first, a handoff's ids are asked of the file each time; past the second,
+# the ids of the handoffs whose webhooks came least recently are dropped (and read again at
+# their next webhook).
 IDS_CACHED_PER_HANDOFF = 1024
 IDS_CACHED = 100_000
 
@@ -143,6 +145,14 @@ _Queued = tuple[Commit, "asyncio.Future[list[StoredEvent]]"]
 # checkpointing itself on the event loop held it 10 to 15 ms under make bench's ingest load,
 # once a second; 3 to 7 ms even for those few frames, most of it the two syncs.)
 CHECKPOINT_EVERY = 1000
+
+# A webhook changes a row in four places of the file (its handoff's version, its event, the
+# event's entry in the handoff's index, the message id), each on a page of its own, and every
+# page changed is written to the log whole, then copied by the checkpoint. Pages of 2 KiB
+# rather than SQLite's 4 KiB cost less to write than they add in depth; 1 KiB pages added
+# more (``python -m bench.micro``'s webhook route, run with each value: 57, 55 and 57 µs of
+# CPU a webhook on 2026-11-26). Only a new file takes it.
+PAGE_SIZE = 2048
 WAL_FRAMES_MAX = 16_384
 
 log = logging.getLogger(__name__)
@@ -209,7 +219,10 @@ class SqliteStore:
         self._by_visitor: dict[str, str] = {}
         # Seen and sent message ids of cached records, complete; None: too many to keep
         # (see IDS_CACHED_PER_HANDOFF).
-        self._ids: dict[str, tuple[set[str], set[str]] | None] = {}
+        # The least recently used handoff's go first when IDS_CACHED would be exceeded.
+        self._ids: collections.OrderedDict[str, tuple[set[str], set[str]] | None] = (
+            collections.OrderedDict()
+        )
         self._ids_count = 0  # ids in ``_ids``
 
     @classmethod
@@ -240,6 +253,8 @@ class SqliteStore:
             raise
 
     def _prepare(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        # A new file only (a file's page size is fixed once it has tables): see PAGE_SIZE.
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         if self._inline:  # the thread checkpoints (see CHECKPOINT_EVERY)
@@ -417,8 +432,7 @@ class SqliteStore:
     async def find_by_brevo_conversation(self, brevo_conversation_id: str) -> Handoff | None:
         return await self._run(
             lambda: self._one(
-                _RECORD + " WHERE brevo_conversation_id = ?"
-                " ORDER BY created_at_ms DESC LIMIT 1",
+                _RECORD + " WHERE brevo_conversation_id = ? ORDER BY created_at_ms DESC LIMIT 1",
                 (brevo_conversation_id,),
             )
         )
@@ -426,8 +440,7 @@ class SqliteStore:
     async def pending_before(self, created_before_ms: int) -> list[Handoff]:
         def pending(db: sqlite3.Connection) -> list[Handoff]:
             rows = db.execute(
-                _RECORD + " WHERE state = ? AND created_at_ms < ?"
-                " ORDER BY created_at_ms",
+                _RECORD + " WHERE state = ? AND created_at_ms < ? ORDER BY created_at_ms",
                 (HandoffState.PENDING_AGENT.value, created_before_ms),
             )
             return [_record(r) for r in rows]
@@ -655,9 +668,12 @@ class SqliteStore:
         sent.update(commit.sent_message_ids)
         after = len(seen) + len(sent)
         self._ids_count += after - before
-        if after > IDS_CACHED_PER_HANDOFF or self._ids_count > IDS_CACHED:
+        if after > IDS_CACHED_PER_HANDOFF:
             self._drop_ids(handoff_id)
             self._ids[handoff_id] = None
+        elif self._ids_count > IDS_CACHED:
+            self._ids.move_to_end(handoff_id)
+            self._make_room(0)
 
     def _drop_ids(self, handoff_id: str) -> None:
         cached = self._ids.pop(handoff_id, None)
@@ -666,10 +682,19 @@ class SqliteStore:
 
     def _keep_ids(self, handoff_id: str, ids: tuple[set[str], set[str]] | None) -> None:
         count = 0 if ids is None else len(ids[0]) + len(ids[1])
-        if self._ids_count + count > IDS_CACHED:
-            ids, count = None, 0
+        self._make_room(count)
         self._ids[handoff_id] = ids
         self._ids_count += count
+
+    def _make_room(self, count: int) -> None:
+        """Drops the least recently used handoffs' ids until ``count`` more fit in
+        IDS_CACHED. (Handoffs that stopped getting messages kept theirs until their records
+        left the cache, and new ones were then refused: every webhook of theirs asked the
+        file.)"""
+        while self._ids and self._ids_count + count > IDS_CACHED:
+            _, dropped = self._ids.popitem(last=False)
+            if dropped is not None:
+                self._ids_count -= len(dropped[0]) + len(dropped[1])
 
     def _all_ids(self, handoff_id: str) -> tuple[set[str], set[str]] | None:
         """Every id the handoff has seen and sent, or None when there are too many to keep."""
@@ -715,6 +740,7 @@ class SqliteStore:
             return None, set(), set()
         if handoff_id in self._ids:
             cached = self._ids[handoff_id]
+            self._ids.move_to_end(handoff_id)
         elif self._inline and handoff_id in self._records:
             # The first webhook of a cached record reads all its ids, to spare the next ones
             # (inline, nothing can commit in between).
