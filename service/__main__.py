@@ -17,9 +17,9 @@ log = logging.getLogger("service")
 # Python's cycle collector, tuned for a long-running server (CPython's defaults are
 # 700, 10, 10): a collection every 50,000 allocations rather than 700 lets most of a
 # webhook's or an event's objects die before one runs, so far fewer reach the oldest
-# generation, whose full collections held the event loop 40 to 100 ms each, about every
-# four seconds, with 1,000 streams open under make bench's webhook load (measured with
-# gc.callbacks). With these settings the same run had none after start-up.
+# generation, whose full collections held the event loop for tens of milliseconds every few
+# seconds with 1,000 streams open under make bench's webhook load (seen with gc.callbacks).
+# With these settings the same run had none after start-up.
 GC_THRESHOLDS = (50_000, 20, 100)
 
 

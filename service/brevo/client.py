@@ -1,8 +1,8 @@
 """The Brevo Conversations HTTP client: posts as the configured agent, with retries.
 
-Implements ``service.core.ports.BrevoApi`` on aiohttp: with its HTTP parser in C, a post costs
-about a quarter of httpx's CPU (175 against 650 µs on the build machine) and half its
-latency. Every failure ends as one of the core's errors
+Implements ``service.core.ports.BrevoApi`` on aiohttp: with its HTTP parser in C, a post takes
+about half as long as httpx's (make bench's SendMessage table shows both, posting directly
+to the same stand-in). Every failure ends as one of the core's errors
 (``BrevoUnavailable``, ``BrevoRateLimited``, ``BrevoAuthRejected``, ``BrevoRejected``) with a
 message that tells the operator what to do. The API key never appears in a message or log line.
 """
@@ -203,7 +203,7 @@ class BrevoClient:
         if self._http is None:
             # HTTP(S)_PROXY and NO_PROXY from the environment, as most HTTP clients read
             # them, once: aiohttp's trust_env looks them (and ~/.netrc) up again on every
-            # request, 430 µs of CPU each, more than the rest of the post.
+            # request, which cost more CPU than the rest of the post.
             try:
                 proxy, proxy_auth = get_env_proxy_for_url(URL(self._base_url))
             except LookupError:

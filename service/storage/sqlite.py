@@ -6,7 +6,7 @@ committed events are handed to the listener on the event loop in that same order
 Where that connection runs depends on the synchronous mode. With NORMAL (the default) a
 commit appends to the write-ahead log without waiting for the disk, and a statement takes
 tens of microseconds: the store runs them on the event loop itself, since a hop to a thread
-and back costs about 100 µs of CPU, several times the work. Reads that can be long (a
+and back costs more CPU than the statements do. Reads that can be long (a
 stream's replay, the sweeps) go to a second, read-only connection on a thread of its own,
 so that they never hold the loop. With FULL or EXTRA every commit waits for the disk, and
 the writing connection runs on that thread too.
@@ -94,8 +94,7 @@ CREATE TABLE IF NOT EXISTS client_messages (
 
 # Every write of a handoff checks and bumps its version. Setting an indexed column makes
 # SQLite rewrite that entry of each index on it (four, with the partial ones), even to the same
-# value: the usual webhook changes none of them and sets only what it changes (a fifth to a
-# quarter less SQLite work per webhook, measured).
+# value: a commit that changes none of them sets only what it changes.
 _UPDATE_ALL = (
     "UPDATE handoffs SET state = ?, brevo_conversation_id = ?, version = ?, record = ?,"
     " release_at_ms = ? WHERE id = ? AND version = ?"
@@ -137,13 +136,13 @@ _Queued = tuple[Commit, "asyncio.Future[list[StoredEvent]]"]
 
 # In NORMAL mode the thread checkpoints the write-ahead log after every CHECKPOINT_EVERY
 # commits: four or five thousand pages at four or five a commit, more than SQLite's own
-# 1,000, since a page written many times is copied once a checkpoint (every 250 commits
-# cost more CPU in all, measured with a scratch script). A checkpoint running beside the
+# 1,000, since a page written many times is copied once a checkpoint (checkpointing more
+# often cost more CPU in all). A checkpoint running beside the
 # writer may never find the log wholly copied, and only then can the log start over: once
 # it has grown past WAL_FRAMES_MAX frames, commits wait (queued, the event loop free) while
 # the thread checkpoints again, copying only what was appended meanwhile. (The writer
-# checkpointing itself on the event loop held it 10 to 15 ms under make bench's ingest load,
-# once a second; 3 to 7 ms even for those few frames, most of it the two syncs.)
+# checkpointing itself on the event loop held it for milliseconds under make bench's ingest
+# load, once a second, even for those few frames: most of it the two syncs.)
 CHECKPOINT_EVERY = 1000
 
 # A webhook changes a row in four places of the file (its handoff's version, its event, the
