@@ -6,7 +6,7 @@ DEPS   := $(VENV)/.deps-installed
 STUBS  := service/rpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run demo test lint typecheck unit proto stubs stub-tools redis bench clean
+.PHONY: run demo test lint typecheck unit proto stubs stub-tools redis bench micro clean
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ redis:
 ## bench: the benchmark suite, beside its bare-transport baselines; writes docs/bench/
 bench: $(STUBS) redis
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+## micro: a webhook's own work, in-process (python -m bench.micro; about ten seconds)
+micro: $(STUBS)
+	$(BIN)/python -m bench.micro
 
 ## test: lint, type-check and run every test
 test: lint typecheck unit

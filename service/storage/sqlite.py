@@ -148,9 +148,10 @@ CHECKPOINT_EVERY = 1000
 # A webhook changes a row in four places of the file (its handoff's version, its event, the
 # event's entry in the handoff's index, the message id), each on a page of its own, and every
 # page changed is written to the log whole, then copied by the checkpoint. Pages of 2 KiB
-# rather than SQLite's 4 KiB cost less to write than they add in depth; 1 KiB pages added
-# more (``python -m bench.micro``'s webhook route, run with each value: 57, 55 and 57 µs of
-# CPU a webhook on 2026-11-26). Only a new file takes it.
+# rather than SQLite's 4 KiB cost less to write than they add in depth; 1 KiB pages did no
+# better (``make micro``'s webhook route, run twice with each value on 2026-11-26: 57 and 59 µs
+# of CPU a webhook with 4 KiB, 56 and 56 with 2 KiB, 56 and 58 with 1 KiB). Only a new file
+# takes it.
 PAGE_SIZE = 2048
 WAL_FRAMES_MAX = 16_384
 
