@@ -36,36 +36,19 @@ from service.metrics import Metrics
 CALLS = 100_000
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Frozen:
-    a: str
-    b: str
-    c: str
-    d: str
-    e: int
-    f: str
-    g: str
-    h: str
-    i: str
-    j: bool
-    k: bool
-    m: tuple[str, ...]
+# A class of twelve fields (BrevoMessage's count), made twice: once a frozen dataclass, once
+# @immutable; only how they are built differs.
+_FIELDS = {name: str for name in "abcdefghijkl"}
 
 
-@immutable
-class _Immutable:
-    a: str
-    b: str
-    c: str
-    d: str
-    e: int
-    f: str
-    g: str
-    h: str
-    i: str
-    j: bool
-    k: bool
-    m: tuple[str, ...]
+def _twelve_fields(name: str) -> type:
+    return type(name, (), {"__annotations__": dict(_FIELDS)})
+
+
+_Frozen: Callable[..., object] = dataclasses.dataclass(frozen=True, slots=True)(
+    _twelve_fields("_Frozen")
+)
+_Immutable: Callable[..., object] = immutable(_twelve_fields("_Immutable"))
 
 
 def cost_us(call: Callable[[], object], calls: int) -> float:
@@ -91,7 +74,7 @@ def figures(calls: int = CALLS) -> dict[str, float]:
         agents=(Agent(message.agent_id, message.agent_name),),
     )
     identity = ServiceIdentity("service-agent", "")
-    values = ("a", "b", "c", "d", 1, "f", "g", "h", "i", False, False, ())
+    values = tuple("abcdefghijkl")
     return {
         "frozen dataclass, 12 fields": cost_us(lambda: _Frozen(*values), calls),
         "@immutable class, 12 fields": cost_us(lambda: _Immutable(*values), calls),
