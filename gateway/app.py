@@ -106,18 +106,17 @@ class BrevoWebhook:
         received_at_ms = time.time_ns() // 1_000_000
         counted = self._metrics
         # Neither check says which failed, nor logs the path: it holds a token.
-        if self._sources.networks:
-            client = scope.get("client")
-            forwarded = (
-                [v.decode("latin-1") for n, v in scope["headers"] if n == self._proxy_header]
-                if self._proxy_header
-                else []
-            )
-            source = self._sources.source(client[0] if client else None, forwarded)
-            if not self._sources.allows(source):
-                counted.webhook("", "forbidden_source")
-                log.warning("webhook refused: %s is outside WEBHOOK_ALLOWED_CIDRS", source)
-                return 404, {"error": "not found"}
+        client = scope.get("client")
+        forwarded = (
+            [v.decode("latin-1") for n, v in scope["headers"] if n == self._proxy_header]
+            if self._proxy_header
+            else []
+        )
+        source = self._sources.source(client[0] if client else None, forwarded)
+        if not self._sources.allows(source):
+            counted.webhook("", "forbidden_source")
+            log.warning("webhook refused: %s is outside WEBHOOK_ALLOWED_CIDRS", source)
+            return 404, {"error": "not found"}
         if not self._tokens.accepts(token):
             counted.webhook("", "unauthorized")
             return 404, {"error": "not found"}

@@ -484,10 +484,8 @@ class HandoffManager:
                     )
                 except errors.ConcurrentUpdate:
                     continue
-                if plan.dropped:
-                    self._count_dropped(plan.dropped)
-                if plan.handoff.held:
-                    self._schedule_release(plan.handoff)
+                self._count_dropped(plan.dropped)
+                self._schedule_release(plan.handoff)
                 self.stats["webhooks_stored"] += 1
                 debugging = log.isEnabledFor(logging.DEBUG)
                 for new in plan.events:

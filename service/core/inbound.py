@@ -110,7 +110,7 @@ def plan_inbound(
             dropped[reason] += 1
             continue
         agent = _agent_of(message, event, known)
-        if agent not in known and all(k.id != agent.id for k in known):
+        if all(k.id != agent.id for k in known):
             known.append(agent)
         held.append(
             HeldMessage(

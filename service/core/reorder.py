@@ -63,7 +63,7 @@ def release_held(
     # ``released`` is never empty here: ``flush`` with something held, or a due message.
     for held in released:
         agent = held.message.agent
-        if agent not in agents and all(known.id != agent.id for known in agents):
+        if all(known.id != agent.id for known in agents):
             agents.append(agent)
             events.append(NewEvent(held.created_at_ms, AgentJoined(agent), held.arrived_at_ms))
         events.append(NewEvent(held.created_at_ms, held.message, held.arrived_at_ms))

@@ -595,11 +595,12 @@ class SqliteStore:
         h = commit.handoff
         version = commit.expected_version
         before = self._records.get(h.id)
-        if before is not None and before.version == version and (h is before or h == before):
+        if before is not None and before.version != version:
+            before = None  # stale: the statement below refuses it
+        if before is not None and (h is before or h == before):
             updated = db.execute(_UPDATE_VERSION, (version + 1, h.id, version)).rowcount
         elif (
             before is not None
-            and before.version == version
             and before.state is h.state
             and before.brevo_conversation_id == h.brevo_conversation_id
             and before.next_release_ms == h.next_release_ms
@@ -692,9 +693,7 @@ class SqliteStore:
         left the cache, and new ones were then refused: every webhook of theirs asked the
         file.)"""
         while self._ids and self._ids_count + count > IDS_CACHED:
-            _, dropped = self._ids.popitem(last=False)
-            if dropped is not None:
-                self._ids_count -= len(dropped[0]) + len(dropped[1])
+            self._drop_ids(next(iter(self._ids)))
 
     def _all_ids(self, handoff_id: str) -> tuple[set[str], set[str]] | None:
         """Every id the handoff has seen and sent, or None when there are too many to keep."""
