@@ -496,7 +496,8 @@ async def test_sqlite_answers_known_ids_from_memory_and_only_what_the_file_holds
 ) -> None:
     """The SQLite store keeps a handoff's few message ids beside its record: the second
     webhook's ids are answered without a statement, a commit rolled back leaves none of its
-    ids behind, and a handoff past the limit is asked of the file each time."""
+    ids behind, a cached handoff's ids grow past IDS_LOADED, and a handoff holding more than
+    that in the file is asked of the file each time."""
     store = await SqliteStore.open(str(tmp_path / "ids.db"))
     statements: list[str] = []
     store._db().set_trace_callback(statements.append)  # the store's own writing connection
@@ -526,18 +527,38 @@ async def test_sqlite_answers_known_ids_from_memory_and_only_what_the_file_holds
         assert await known(store, "ho_1", ["m1", "m2"]) == ({"m1"}, set())
         monkeypatch.setattr(sqlite_module, "payload_to_json", payload_to_json)
 
-        # Past the limit: still right, from the file.
-        monkeypatch.setattr(sqlite_module, "IDS_CACHED_PER_HANDOFF", 3)
+        # A cached handoff's ids keep growing past IDS_LOADED, answered from memory.
+        monkeypatch.setattr(sqlite_module, "IDS_LOADED", 3)
+        before = id_reads()  # the failed batch made the store forget the handoff
         await store.commit(
             Commit(dataclasses.replace(active, version=1), 1, seen_message_ids=("m3", "m4"))
         )
-        before = id_reads()
         assert await known(store, "ho_1", ["m1", "m3", "m4", "s1", "m5"]) == (
             {"m1", "m3", "m4"},
             {"s1"},
         )
-        assert await known(store, "ho_1", ["m4", "m5"]) == ({"m4"}, set())
-        assert id_reads() == before + 2
+        assert id_reads() == before
+
+        # Read again from a file holding more than IDS_LOADED ids, they are not loaded:
+        # still right, from the file, each time.
+        await store.close()
+        store = await SqliteStore.open(str(tmp_path / "ids.db"))
+        statements.clear()
+        store._db().set_trace_callback(statements.append)
+        assert await known(store, "ho_1", ["m1", "m3", "m4", "s1", "m5"]) == (
+            {"m1", "m3", "m4"},
+            {"s1"},
+        )
+        await store.commit(
+            Commit(dataclasses.replace(active, version=2), 2, seen_message_ids=("m5",))
+        )
+        assert await known(store, "ho_1", ["m4", "m5", "m6"]) == ({"m4", "m5"}, set())
+        # the first read tried to load all (more than 3: not kept), then each asked for its own
+        assert id_reads() == 3
+        assert (
+            sum("LIMIT" in s for s in statements if "FROM seen_messages" in s),
+            sum("IN (" in s for s in statements if "FROM seen_messages" in s),
+        ) == (1, 2)
     finally:
         await store.close()
 

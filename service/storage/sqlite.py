@@ -123,13 +123,16 @@ SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # only writer of its file (a lock beside it says so; several replicas need Redis), so a record
 # it wrote or read stays true until it writes it again; a commit still checks the version.
 RECORDS_CACHED = 4096
-# With a record, the message ids its handoff has seen and sent, while they are no more than
-# IDS_CACHED_PER_HANDOFF and all cached ids no more than IDS_CACHED (about 100 bytes each): a
-# webhook then learns which of its ids are known without a statement (one of a webhook's
-# three). Past the first, a handoff's ids are asked of the file each time; past the second,
-# the ids of the handoffs whose webhooks came least recently are dropped (and read again at
-# their next webhook).
-IDS_CACHED_PER_HANDOFF = 1024
+# With a record, the message ids its handoff has seen and sent, all of them, read from the
+# file at its first webhook and added to as its commits store more, while all cached ids are no
+# more than IDS_CACHED (about 100 bytes each): a webhook then learns which of its ids are known
+# without a statement (one of a webhook's three). A handoff holding more than IDS_LOADED ids in
+# the file when first read is not loaded (its webhooks ask the file for their own ids, rather
+# than one of them reading thousands on the event loop); past IDS_CACHED, the ids of the
+# handoffs whose webhooks came least recently are dropped (and read again at their next
+# webhook). A cached handoff keeps growing past IDS_LOADED: learning an id costs nothing
+# (before, its webhooks went to the file from its 1,025th id on).
+IDS_LOADED = 1024
 IDS_CACHED = 100_000
 
 _Queued = tuple[Commit, "asyncio.Future[list[StoredEvent]]"]
@@ -217,8 +220,8 @@ class SqliteStore:
         # Records by handoff id, and handoff ids by visitor id (see RECORDS_CACHED).
         self._records: collections.OrderedDict[str, Handoff] = collections.OrderedDict()
         self._by_visitor: dict[str, str] = {}
-        # Seen and sent message ids of cached records, complete; None: too many to keep
-        # (see IDS_CACHED_PER_HANDOFF).
+        # Seen and sent message ids of cached records, complete; None: too many to load
+        # (see IDS_LOADED).
         # The least recently used handoff's go first when IDS_CACHED would be exceeded.
         self._ids: collections.OrderedDict[str, tuple[set[str], set[str]] | None] = (
             collections.OrderedDict()
@@ -658,7 +661,8 @@ class SqliteStore:
     # --- message ids ----------------------------------------------------------------------
 
     def _learn_ids(self, commit: Commit) -> None:
-        """Adds a stored commit's ids to its handoff's cached ids (dropped past the limit)."""
+        """Adds a stored commit's ids to its handoff's cached ids (making room within
+        IDS_CACHED)."""
         handoff_id = commit.handoff.id
         cached = self._ids.get(handoff_id)
         if cached is None:
@@ -669,10 +673,7 @@ class SqliteStore:
         sent.update(commit.sent_message_ids)
         after = len(seen) + len(sent)
         self._ids_count += after - before
-        if after > IDS_CACHED_PER_HANDOFF:
-            self._drop_ids(handoff_id)
-            self._ids[handoff_id] = None
-        elif self._ids_count > IDS_CACHED:
+        if self._ids_count > IDS_CACHED:
             self._ids.move_to_end(handoff_id)
             self._make_room(0)
 
@@ -696,17 +697,18 @@ class SqliteStore:
             self._drop_ids(next(iter(self._ids)))
 
     def _all_ids(self, handoff_id: str) -> tuple[set[str], set[str]] | None:
-        """Every id the handoff has seen and sent, or None when there are too many to keep."""
+        """Every id the handoff has seen and sent, or None when there are more than
+        IDS_LOADED."""
         rows = (
             self._db()
             .execute(
                 "SELECT 0, message_id FROM seen_messages WHERE handoff_id = ? UNION ALL"
                 " SELECT 1, message_id FROM sent_messages WHERE handoff_id = ? LIMIT ?",
-                (handoff_id, handoff_id, IDS_CACHED_PER_HANDOFF + 1),
+                (handoff_id, handoff_id, IDS_LOADED + 1),
             )
             .fetchall()
         )
-        if len(rows) > IDS_CACHED_PER_HANDOFF:
+        if len(rows) > IDS_LOADED:
             return None
         seen = {message_id for table, message_id in rows if not table}
         sent = {message_id for table, message_id in rows if table}
