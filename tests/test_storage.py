@@ -563,6 +563,116 @@ async def test_sqlite_answers_known_ids_from_memory_and_only_what_the_file_holds
         await store.close()
 
 
+async def test_sqlite_keeps_a_message_id_with_its_event_and_the_others_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent message's id is stored in its event's row (one place less to write for the
+    usual webhook); the ids of messages dropped or held go to seen_messages. Both are known
+    after reopening, whether the first webhook loads all of a handoff's ids or asks for its
+    own."""
+    path = str(tmp_path / "carried.db")
+    store = await SqliteStore.open(path)
+    try:
+        h, _ = await store.create_handoff(sample_handoff(1))
+        active = dataclasses.replace(h, state=HandoffState.ACTIVE)
+        held = HeldMessage(AgentMessage("m3", Agent("A"), "later"), 1, 1, 99)
+        await store.commit(
+            Commit(
+                dataclasses.replace(active, held=(held,)),
+                0,
+                events=(NewEvent(5, AgentMessage("m1", Agent("A"), "one")),),
+                seen_message_ids=("m1", "dropped-2", "m3"),
+            )
+        )
+        db = store._db()
+        assert db.execute(
+            "SELECT message_id FROM events WHERE handoff_id = 'ho_1' ORDER BY seq"
+        ).fetchall() == [("m1",)]
+        assert db.execute("SELECT message_id FROM seen_messages ORDER BY 1").fetchall() == [
+            ("dropped-2",),
+            ("m3",),
+        ]
+    finally:
+        await store.close()
+    for loaded in (sqlite_module.IDS_LOADED, 0):  # all ids loaded, or each webhook's asked
+        monkeypatch.setattr(sqlite_module, "IDS_LOADED", loaded)
+        reopened = await SqliteStore.open(path)
+        try:
+            for _ in range(2):
+                assert await known(reopened, "ho_1", ["m1", "dropped-2", "m3", "m4"]) == (
+                    {"m1", "dropped-2", "m3"},
+                    set(),
+                )
+        finally:
+            await reopened.close()
+
+
+async def test_a_sqlite_file_made_before_message_ids_went_with_events_keeps_its_ids(
+    tmp_path: Path,
+) -> None:
+    """A file whose events have no message_id column (every id in seen_messages, the index
+    on (handoff_id, seq)) gets the column and the index with ids; its ids are still known."""
+    path = tmp_path / "older.db"
+    made = sqlite3.connect(path)
+    made.executescript(
+        """
+        CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            handoff_id TEXT NOT NULL,
+            conversation_id TEXT NOT NULL,
+            occurred_at_ms INTEGER NOT NULL,
+            payload TEXT NOT NULL,
+            received_at_ms INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX events_by_handoff ON events (handoff_id, seq);
+        CREATE TABLE seen_messages (
+            handoff_id TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            PRIMARY KEY (handoff_id, message_id)
+        ) WITHOUT ROWID;
+        INSERT INTO seen_messages VALUES ('ho_1', 'old-1');
+        """
+    )
+    old_event = payload_to_json(AgentMessage("old-1", Agent("A"), "before"))
+    made.execute(
+        "INSERT INTO events (handoff_id, conversation_id, occurred_at_ms, payload)"
+        " VALUES ('ho_1', 'conv-1', 5, ?)",
+        (old_event,),
+    )
+    made.commit()
+    made.close()
+    store = await SqliteStore.open(str(path))
+    try:
+        h, _ = await store.create_handoff(sample_handoff(1))
+        assert await known(store, "ho_1", ["old-1", "new-2"]) == ({"old-1"}, set())
+        await store.commit(
+            Commit(
+                h,
+                0,
+                events=(NewEvent(6, AgentMessage("new-2", Agent("A"), "after")),),
+                seen_message_ids=("new-2",),
+            )
+        )
+        indexes = store._db().execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'"
+        )
+        assert [name for (name,) in indexes] == ["events_by_handoff_with_ids"]
+        assert [e.payload for e in await store.read_events("ho_1", 0, 10)] == [
+            AgentMessage("old-1", Agent("A"), "before"),
+            AgentMessage("new-2", Agent("A"), "after"),
+        ]
+    finally:
+        await store.close()
+    reopened = await SqliteStore.open(str(path))
+    try:
+        assert await known(reopened, "ho_1", ["old-1", "new-2", "x"]) == (
+            {"old-1", "new-2"},
+            set(),
+        )
+    finally:
+        await reopened.close()
+
+
 async def test_a_new_sqlite_file_has_small_pages_and_an_older_file_keeps_its_own(
     tmp_path: Path,
 ) -> None:
