@@ -14,9 +14,11 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import DataError
 from redis_server import RedisServer
 from support import sample_handoff, until
 
@@ -201,6 +203,39 @@ async def test_commands_sent_together_each_get_their_answer_even_after_scripts_a
                 assert len(pool._available_connections) + len(pool._in_use_connections) == 1
     finally:
         await raw.aclose()
+
+
+def test_commands_are_packed_by_hiredis_exactly_as_redis_py_packs_them() -> None:
+    """The store's connections pack commands with hiredis (in C) instead of redis-py's
+    asyncio code (in Python): the same bytes for every kind of argument the store and
+    redis-py send, and the same refusal of what Redis cannot take."""
+    store = RedisStore(RedisSettings("redis://127.0.0.1:1"))
+
+    def connection_of(client: aioredis.Redis) -> aioredis.connection.AbstractConnection:
+        pool = client.connection_pool
+        return pool.connection_class(**pool.connection_kwargs)
+
+    ours, tail = connection_of(store._redis), connection_of(store._tail_redis)
+    theirs = aioredis.Connection()
+    for connection in (ours, tail):
+        assert issubclass(type(connection), redis_store._HiredisPacking)
+    commands: list[tuple[Any, ...]] = [
+        ("EVALSHA", "a" * 40, 2, "{h}:h:ho_1", "{h}:seen:ho_1", "m1", 17, -3, 2.5),
+        ("CLIENT SETINFO", "LIB-NAME", "redis-py"),  # a name of two words goes as two
+        (b"CLIENT SETNAME", b"bytes \x00\xff"),
+        ("SET", "ключ", "значение ✓", "PX", 10**12),
+        ("SET", "k", bytearray(b"ba"), "v", memoryview(b"mv")),
+        ("XADD", "k", "*", "payload", "x" * 100_000),  # past redis-py's chunking size
+    ]
+    for command in commands:
+        assert b"".join(ours.pack_command(*command)) == b"".join(theirs.pack_command(*command))
+        assert b"".join(ours.pack_commands([command, command])) == b"".join(
+            theirs.pack_commands([command, command])
+        )
+    with pytest.raises(DataError):
+        ours.pack_command("SET", "k", cast(Any, object()))
+    with pytest.raises(DataError):
+        theirs.pack_command("SET", "k", cast(Any, object()))
 
 
 async def test_a_cursor_into_trimmed_events_is_refused_and_no_cursor_reads_what_is_left(
