@@ -220,7 +220,8 @@ def test_commands_are_packed_by_hiredis_exactly_as_redis_py_packs_them() -> None
     for connection in (ours, tail):
         assert issubclass(type(connection), redis_store._HiredisPacking)
     commands: list[tuple[Any, ...]] = [
-        ("EVALSHA", "a" * 40, 2, "{h}:h:ho_1", "{h}:seen:ho_1", "m1", 17, -3, 2.5),
+        ("EVALSHA", "a" * 40, 2, "{h}:h:ho_1", "{h}:seen:ho_1", "m1", 17, -3, 10**30),
+        ("X", 2.5, 0.1, 1 / 3, 1e20, 1e-7, -0.0, float("inf")),
         ("CLIENT SETINFO", "LIB-NAME", "redis-py"),  # a name of two words goes as two
         (b"CLIENT SETNAME", b"bytes \x00\xff"),
         ("SET", "ключ", "значение ✓", "PX", 10**12),
@@ -232,8 +233,9 @@ def test_commands_are_packed_by_hiredis_exactly_as_redis_py_packs_them() -> None
         assert b"".join(ours.pack_commands([command, command])) == b"".join(
             theirs.pack_commands([command, command])
         )
-    with pytest.raises(DataError):
-        ours.pack_command("SET", "k", cast(Any, object()))
+    for wrong in (object(), True):
+        with pytest.raises(DataError):
+            ours.pack_command("SET", "k", cast(Any, wrong))
     with pytest.raises(DataError):
         theirs.pack_command("SET", "k", cast(Any, object()))
 
@@ -465,12 +467,18 @@ async def test_a_redis_that_stops_answering_times_out_and_recovers(
 ) -> None:
     """SIGSTOP: the connection stays open but nothing answers. Every call gives up after
     ``timeout_s``; once Redis answers again, no reply is read out of turn (a connection
-    whose command timed out is dropped, not reused)."""
+    whose command timed out is dropped, not reused). The event feed's blocking read gives
+    up too, after its block time and ``timeout_s``: live streams are interrupted, and the feed
+    goes on once Redis answers."""
     assert private_redis.process is not None
-    store = await RedisStore.open(RedisSettings(private_redis.url, prefix="{p}", timeout_s=0.5))
+    store = await RedisStore.open(
+        RedisSettings(private_redis.url, prefix="{p}", timeout_s=0.5, tail_block_s=0.2)
+    )
+    feed = Feed(store)
     try:
         h, _ = await store.create_handoff(sample_handoff(1))
         before = await add_events(store, "ho_1", 2)
+        assert await feed.wait_for(2) == before
         private_redis.process.send_signal(signal.SIGSTOP)
         try:
             for call in (
@@ -482,6 +490,9 @@ async def test_a_redis_that_stops_answering_times_out_and_recovers(
                 with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.5 s"):
                     await call
                 assert time.monotonic() - started < 2.0
+            # Three calls of 0.5 s: the feed's read (0.2 + 0.5 s at most) gave up meanwhile.
+            assert [type(e) for e in feed.interruptions] == [StoreUnavailable]
+            assert "reconnect with after_cursor" in str(feed.interruptions[0])
         finally:
             private_redis.process.send_signal(signal.SIGCONT)
         # The commit may or may not have reached Redis before it stopped: either way each
@@ -494,6 +505,10 @@ async def test_a_redis_that_stops_answering_times_out_and_recovers(
         assert events[:2] == before
         assert [e.payload for e in events[2:]] in ([], [NoAgentAvailable()])
         assert await store.read_for_webhook("ho_1", []) == (stored, set(), set())
+        await wait_ready(store)
+        after = await add_events(store, "ho_1", 1)
+        await until(lambda: feed.events[-1:] == after, what="the feed going on")
+        assert feed.events == events + after
     finally:
         await store.close()
 

@@ -82,12 +82,16 @@ class _HiredisPacking:
     which was a seventh of a webhook's CPU on Redis (py-spy, make bench's ingest load)."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        first = args[0]
         # Like redis-py: a command name of several words ("CLIENT SETINFO") goes as several.
-        if isinstance(first, str):
-            args = (*first.encode().split(), *args[1:])
-        elif b" " in first:
-            args = (*first.split(), *args[1:])
+        first = args[0]
+        if isinstance(first, str | bytes):
+            words = first.split()
+            if len(words) > 1:
+                args = (*words, *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            pass  # hiredis takes no bytearray nor memoryview (redis-py does), nor a bool
         args = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
         try:
             return [hiredis.pack_command(args)]
@@ -221,12 +225,13 @@ class RedisStore:
                 retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.2), 2),
             )
         )
-        # The tail blocks in XREAD; it gets its own connection and does its own retrying.
+        # The tail blocks in XREAD; it gets its own connection and does its own retrying, and
+        # bounds its commands itself too (see _tail).
         self._tail_redis = _packed_by_hiredis(
             aioredis.Redis.from_url(
                 settings.url,
                 decode_responses=True,
-                socket_timeout=settings.tail_block_s + settings.timeout_s,
+                socket_timeout=None,
                 socket_connect_timeout=settings.timeout_s,
                 retry=Retry(NoBackoff(), 0),
             )
@@ -589,16 +594,20 @@ class RedisStore:
         while not self._closed:
             try:
                 if not self._feed_connected:
-                    last = await self._resume_point(last)
+                    async with asyncio.timeout(self._settings.timeout_s):
+                        last = await self._resume_point(last)
                 assert last is not None
                 if self._closed:
                     return
-                reply = await self._tail_redis.xread(
-                    {self._events_key: f"0-{last}"},
-                    count=TAIL_BATCH,
-                    block=int(self._settings.tail_block_s * 1000),
-                )
-            except RedisError as exc:
+                # Bounded here rather than by a socket timeout, which redis-py applies to
+                # each send through asyncio.wait_for: a task per read of the feed.
+                async with asyncio.timeout(self._settings.tail_block_s + self._settings.timeout_s):
+                    reply = await self._tail_redis.xread(
+                        {self._events_key: f"0-{last}"},
+                        count=TAIL_BATCH,
+                        block=int(self._settings.tail_block_s * 1000),
+                    )
+            except (RedisError, TimeoutError) as exc:
                 if self._closed:
                     return
                 if self._feed_connected or not reported_down:
