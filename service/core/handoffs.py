@@ -500,7 +500,7 @@ class HandoffManager:
                 return WebhookOutcome("stored", len(stored), current.id, event.event_name)
         raise errors.StoreUnavailable("the handoff kept changing; retry the webhook")
 
-    def _count_dropped(self, dropped: Counter[str]) -> None:
+    def _count_dropped(self, dropped: dict[str, int]) -> None:
         for reason, count in dropped.items():
             self.stats[f"messages_dropped_{reason}"] += count
 
