@@ -205,6 +205,38 @@ async def test_commands_sent_together_each_get_their_answer_even_after_scripts_a
         await raw.aclose()
 
 
+async def test_commands_sent_together_are_sent_again_when_their_connection_was_lost(
+    stores: list[RedisStore], settings: RedisSettings, redis_server: RedisServer
+) -> None:
+    """Redis closed the connection a turn's commands go on (a restart, a proxy, CLIENT
+    KILL): they are written again on a new one, and each still gets its own answer, once."""
+    store = await open_store(stores, settings)
+    handoffs = [(await store.create_handoff(sample_handoff(n)))[0] for n in range(3)]
+    raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        pool = store._redis.connection_pool
+        [connection] = pool._available_connections
+        assert connection._writer is not None
+        host, port = connection._writer.get_extra_info("sockname")[:2]
+        assert await raw.client_kill(f"{host}:{port}") is True
+        stale = Commit(handoffs[0], 5)
+        outcomes = await asyncio.gather(
+            *(
+                store.commit(Commit(h, 0, events=(NewEvent(1, NoAgentAvailable()),)))
+                for h in handoffs
+            ),
+            store.commit(stale),
+            return_exceptions=True,
+        )
+        assert [type(o) for o in outcomes] == [list, list, list, ConcurrentUpdate]
+        for h in handoffs:
+            events = await store.read_events(h.id, 0, 10)
+            assert [e.payload for e in events] == [NoAgentAvailable()]
+            assert (await store.get_handoff(h.id)) == dataclasses.replace(h, version=1)
+    finally:
+        await raw.aclose()
+
+
 def test_commands_are_packed_by_hiredis_exactly_as_redis_py_packs_them() -> None:
     """The store's connections pack commands with hiredis (in C) instead of redis-py's
     asyncio code (in Python): the same bytes for every kind of argument the store and
