@@ -270,7 +270,7 @@ class SqliteStore:
             conn.execute("ALTER TABLE events ADD COLUMN received_at_ms INTEGER NOT NULL DEFAULT 0")
         if "message_id" not in columns:  # a file made before message ids went with events
             conn.execute("ALTER TABLE events ADD COLUMN message_id TEXT")
-        # A handoff's events in order, with their message ids (see _MESSAGE_IDS); it replaces
+        # A handoff's events in order, with their message ids (see IDS_LOADED); it replaces
         # events_by_handoff (handoff_id, seq), which files made before it have.
         conn.execute(
             "CREATE INDEX IF NOT EXISTS events_by_handoff_with_ids"
@@ -476,9 +476,9 @@ class SqliteStore:
         """Queues ``commit`` for the next group commit and returns once it is durable.
 
         Commits made while the event loop is busy go to SQLite together, at the end of its
-        next turn, in one transaction; a commit refused for its version leaves the others whole. A
-        transaction's fixed cost (the write-ahead log append) was a fifth of a webhook's
-        CPU when each commit had its own.
+        next turn, in one transaction; a commit refused for its version leaves the others
+        whole. A transaction's fixed cost (the write-ahead log append) was a fifth of a
+        webhook's CPU when each commit had its own.
         """
         if self._closed:
             raise StoreUnavailable("the store is closed")
