@@ -673,6 +673,34 @@ async def test_a_sqlite_file_made_before_message_ids_went_with_events_keeps_its_
         await reopened.close()
 
 
+async def test_sqlite_commits_made_in_the_next_turn_join_the_same_transaction(
+    tmp_path: Path,
+) -> None:
+    """The group commit goes at the end of the event loop's next turn: a commit made in that
+    turn (a request read meanwhile) goes in the same transaction as the one before it."""
+    store = await SqliteStore.open(str(tmp_path / "turns.db"))
+    statements: list[str] = []
+    store._db().set_trace_callback(statements.append)
+    try:
+        a, _ = await store.create_handoff(sample_handoff(1))
+        b, _ = await store.create_handoff(sample_handoff(2))
+        statements.clear()
+
+        async def one_turn_later() -> list[StoredEvent]:
+            await asyncio.sleep(0)
+            return await store.commit(Commit(b, 0, events=(NewEvent(2, NoAgentAvailable()),)))
+
+        first = store.commit(Commit(a, 0, events=(NewEvent(1, NoAgentAvailable()),)))
+        stored = await asyncio.gather(first, one_turn_later())
+        assert [[e.handoff_id for e in s] for s in stored] == [["ho_1"], ["ho_2"]]
+        assert [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT")] == [
+            "BEGIN IMMEDIATE",
+            "COMMIT",
+        ]
+    finally:
+        await store.close()
+
+
 async def test_a_new_sqlite_file_has_small_pages_and_an_older_file_keeps_its_own(
     tmp_path: Path,
 ) -> None:

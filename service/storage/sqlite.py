@@ -107,6 +107,15 @@ _UPDATE_RECORD = "UPDATE handoffs SET version = ?, record = ? WHERE id = ? AND v
 _UPDATE_VERSION = "UPDATE handoffs SET version = ? WHERE id = ? AND version = ?"
 # Every read of a record: its text and its version.
 _RECORD = "SELECT record, version FROM handoffs"
+# The message ids kept for a handoff, as (0, id) when seen, (1, id) when sent: those of
+# messages dropped or held in seen_messages, those of agent messages in their events (see
+# _apply), those the service posted in sent_messages. Takes the handoff id (then the
+# parameters of ``also``, a further condition on message_id) three times.
+_KEPT_IDS = (
+    "SELECT 0, message_id FROM seen_messages WHERE handoff_id = ?{also} UNION ALL"
+    " SELECT 0, message_id FROM events WHERE handoff_id = ? AND message_id IS NOT NULL{also}"
+    " UNION ALL SELECT 1, message_id FROM sent_messages WHERE handoff_id = ?{also}"
+)
 
 _READ_ALL_EVENTS = (
     "SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload, received_at_ms"
@@ -129,8 +138,8 @@ RECORDS_CACHED = 4096
 # without a statement. A handoff holding more than IDS_LOADED ids in the file when first read
 # is not loaded, and its webhooks ask the file for their own ids: the ids its events carry
 # are found by going through all of the handoff's entries in events_by_handoff_with_ids (see
-# _apply), which took 3 ms of the event loop a webhook for a handoff of 20,000 messages, where
-# loading 10,000 ids took 10 ms once (2026-11-26, this machine kind). Past IDS_CACHED, the
+# _apply), at every webhook and the longer the more messages it has, where loading them is
+# paid once (both on the event loop: the bound keeps that one read short). Past IDS_CACHED, the
 # ids of the handoffs whose webhooks came least recently are dropped (and read again at their
 # next webhook). A cached handoff keeps growing past IDS_LOADED: learning an id costs nothing.
 IDS_LOADED = 10_000
@@ -493,11 +502,10 @@ class SqliteStore:
 
         The end, not the start (a timer due at once runs after the turn's other callbacks):
         the requests read in this turn make their commits in the next one, and go in the same
-        transaction. Flushing at its start, make bench's ingest load made transactions of
-        4.5 commits on average, and a transaction's own cost (BEGIN, COMMIT and the log
-        append) was about as much CPU as all its statements (py-spy); at its end, 8.2 (a
-        count of every flush's size in a scratch run, 2026-11-26), for one turn of the loop
-        more before the answer.
+        transaction, whose own cost (BEGIN, COMMIT and the log append) was about as much
+        CPU as all its statements under make bench's ingest load (py-spy). That run's ingest,
+        taking turns with the code before, went from 47% and 44% of the bare route to 51%
+        and 54% (2026-11-26), for one turn of the loop more before the answer.
         """
         if self._queued and not self._flushing and not self._holding:
             self._flushing = True
@@ -728,13 +736,7 @@ class SqliteStore:
         IDS_LOADED."""
         rows = (
             self._db()
-            .execute(
-                "SELECT 0, message_id FROM seen_messages WHERE handoff_id = ? UNION ALL"
-                " SELECT 0, message_id FROM events WHERE handoff_id = ?"
-                " AND message_id IS NOT NULL UNION ALL"
-                " SELECT 1, message_id FROM sent_messages WHERE handoff_id = ? LIMIT ?",
-                (handoff_id, handoff_id, handoff_id, IDS_LOADED + 1),
-            )
+            .execute(_KEPT_IDS.format(also="") + " LIMIT ?", (handoff_id,) * 3 + (IDS_LOADED + 1,))
             .fetchall()
         )
         if len(rows) > IDS_LOADED:
@@ -753,13 +755,8 @@ class SqliteStore:
             chunk = unique[start : start + 300]
             marks = ",".join("?" * len(chunk))
             rows = self._db().execute(
-                f"SELECT 0, message_id FROM seen_messages WHERE handoff_id = ?"  # noqa: S608 (marks only)
-                f" AND message_id IN ({marks}) UNION ALL"
-                f" SELECT 0, message_id FROM events WHERE handoff_id = ?"
-                f" AND message_id IN ({marks}) UNION ALL"
-                f" SELECT 1, message_id FROM sent_messages WHERE handoff_id = ?"
-                f" AND message_id IN ({marks})",
-                (handoff_id, *chunk, handoff_id, *chunk, handoff_id, *chunk),
+                _KEPT_IDS.format(also=f" AND message_id IN ({marks})"),
+                (handoff_id, *chunk) * 3,
             )
             for table, message_id in rows:
                 (sent if table else seen).add(message_id)
