@@ -47,15 +47,55 @@ def test_a_full_buffer_marks_only_that_subscription() -> None:
     slow, fast, other = hub.subscribe("h"), hub.subscribe("h"), hub.subscribe("x")
     for seq in (1, 2):
         hub.publish([event(seq)])
-        fast.queue.get_nowait()
+        assert fast.take() == event(seq)
     hub.publish([event(3)])
     assert (slow.overflowed, fast.overflowed, other.overflowed) == (True, False, False)
-    assert fast.queue.get_nowait() == event(3)
-    assert other.queue.empty()
+    assert (slow.buffered, fast.buffered, other.buffered) == (2, 1, 0)
+    assert fast.take() == event(3)
+    assert (fast.take(), other.take()) == (None, None)
     hub.unsubscribe(slow)
     hub.unsubscribe(fast)
     hub.unsubscribe(other)
     assert hub.subscriber_count == 0
+
+
+async def test_a_waiting_reader_wakes_for_an_event_and_a_cancelled_wait_loses_nothing() -> None:
+    hub = EventHub(buffer_size=5)
+    sub = hub.subscribe("h")
+    reader = asyncio.create_task(sub.next())
+    await asyncio.sleep(0)
+    assert not reader.done()
+    hub.publish([event(1), event(2)])
+    assert await asyncio.wait_for(reader, 5) == event(1)
+    assert await sub.next() == event(2)
+    # A wait that times out (as a stream's heartbeat wait does) takes nothing with it, nor
+    # does one cancelled in the very turn an event woke it.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(sub.next(), 0.01)
+    reader = asyncio.create_task(sub.next())
+    await asyncio.sleep(0)
+    hub.publish([event(3)])
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert (sub.buffered, await sub.next(), sub.buffered) == (1, event(3), 0)
+
+
+async def test_a_broken_subscription_gives_what_it_holds_then_none() -> None:
+    hub = EventHub(buffer_size=1)
+    full, waiting = hub.subscribe("h"), hub.subscribe("x")
+    hub.publish([event(1), event(2)])
+    assert full.overflowed
+    assert (await full.next(), await full.next()) == (event(1), None)
+    reader = asyncio.create_task(waiting.next())
+    await asyncio.sleep(0)
+    problem = StoreUnavailable("the feed broke")
+    hub.interrupt(problem)
+    assert await asyncio.wait_for(reader, 5) is None
+    assert (waiting.error, full.error) == (problem, None)  # the overflowed one was told already
+    full.reset()
+    hub.publish([event(3)])
+    assert (full.broken, await full.next()) == (False, event(3))
 
 
 def test_the_hub_wants_the_handoffs_it_has_subscriptions_for() -> None:

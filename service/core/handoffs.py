@@ -590,12 +590,12 @@ class HandoffManager:
                     # asyncio.timeout, not wait_for: wait_for wraps the get in a task of
                     # its own, for every event of every stream.
                     async with asyncio.timeout(self.settings.heartbeat_s):
-                        live = await sub.queue.get()
+                        live = await sub.next()
                 except TimeoutError:
                     yield Heartbeat(self._now())
                     continue
                 if live is None or live.seq <= last:
-                    continue  # a wake-up call, or already replayed from the store
+                    continue  # broken (said above), or already replayed from the store
                 yield live
                 self._on_delivered(live, True)
                 last = live.seq
