@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 HANDOFF_SERVICE = pb.DESCRIPTOR.services_by_name["HandoffService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
+MAX_PENDING_CALLS = 20_000
+
 SERVER_OPTIONS: list[tuple[str, int]] = [
     # Let clients ping every 10 s on idle connections without being sent GOAWAY.
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -34,6 +36,13 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     # Fail to start rather than silently share the port with another process.
     ("grpc.so_reuseport", 0),
+    # Calls that arrived but that the event loop has not taken up yet: by default gRPC
+    # cancels some of them past 1,000 and all of them past 3,000, which a rollout's burst
+    # of reconnecting streams reaches (3,000 at once lost about a quarter of them). The
+    # bound here is twice the 10,000 streams a process is sized for; a call still waits
+    # no more than 30 s to be taken up (gRPC's default), and each waiting one is small.
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
 ]
 
 
