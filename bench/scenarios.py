@@ -521,7 +521,8 @@ def _call_figures(sequential: list[int], concurrent: list[int], seconds: float) 
 async def idle_streams(
     server: Proc, grpc_target: str, handoffs: list[str], count: int, log_dir: Path
 ) -> dict[str, Any]:
-    """The server's resident memory with ``count`` idle streams open, over none."""
+    """The server's resident memory with ``count`` idle streams requested, over none, per
+    stream open (those the clients still hold once every stream has its first item)."""
     before = server.rss()
     clients = await StreamClients.start(grpc_target, log_dir, f"idle-{server.name}-{count}")
     try:
@@ -539,9 +540,11 @@ async def idle_streams(
         await clients.close()
     await asyncio.sleep(1.0)
     return {
+        "requested": count,
         "streams": opened["opened"],
+        "errors": opened["errors"],
         "rss_before_mib": round(before / 2**20, 1),
         "rss_with_streams_mib": round(with_streams / 2**20, 1),
         "rss_after_close_mib": round(server.rss() / 2**20, 1),
-        "kib_per_stream": round((with_streams - before) / opened["opened"] / 1024, 2),
+        "kib_per_stream": round((with_streams - before) / max(opened["opened"], 1) / 1024, 2),
     }

@@ -32,6 +32,7 @@ from service.brevo.sandbox import BrevoSandbox
 from service.http_server import start_http_server
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
+from service.rpc.server import SERVER_OPTIONS
 
 STANDIN_API_KEY = "xkeysib-bench-standin-0000000000000000"
 SERVICE_AGENT = {"id": "BenchAgent00000001", "name": "Bench Bot", "email": "bot@example.com"}
@@ -127,7 +128,7 @@ _KEEP: list[object] = []
 
 async def serve_bare() -> dict[str, int]:
     streams = BareStreams()  # type: ignore[abstract]  # it serves only the stream
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_HandoffServiceServicer_to_server(streams, server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -6,7 +6,7 @@ each answered by one JSON line on standard output:
 
 - ``{"cmd": "open", "handoffs": [...], "per_handoff": n, "channels": c}``: opens the streams
   and answers once every stream has received its first item (the caller makes the server
-  send one);
+  send one) or ended, with how many are open (``opened``) and the first errors;
 - ``{"cmd": "reset"}``: forgets what was received so far; ``{"cmd": "count"}``: how many
   agent messages arrived since;
 - ``{"cmd": "report"}``: how many agent messages arrived and the latency of each: a message's
@@ -47,6 +47,7 @@ class Streams:
         self._first: list[asyncio.Event] = []
         self.received = Received()
         self.errors: list[str] = []
+        self._closing = False  # streams cancelled from then on are not errors
 
     async def open(self, handoffs: list[str], per_handoff: int, channels: int) -> int:
         # A local subchannel pool each: one TCP connection per channel, as separate clients.
@@ -64,7 +65,9 @@ class Streams:
                 self._tasks.append(asyncio.create_task(self._read(stub, handoff_id, first)))
                 n += 1
         await asyncio.gather(*(f.wait() for f in self._first))
-        return n
+        # A stream that failed to open has ended by now (its first-item event is set on the
+        # way out): what is still running is open.
+        return sum(not task.done() for task in self._tasks)
 
     async def _read(
         self, stub: pb_grpc.HandoffServiceAsyncStub, handoff_id: str, first: asyncio.Event
@@ -98,7 +101,7 @@ class Streams:
                     if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and cursor:
                         self.received.resumes += 1
                         continue
-                    if exc.code() is not grpc.StatusCode.CANCELLED:
+                    if exc.code() is not grpc.StatusCode.CANCELLED or not self._closing:
                         self.errors.append(f"{exc.code().name}: {exc.details()}")
                     return
         finally:
@@ -120,6 +123,7 @@ class Streams:
         }
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

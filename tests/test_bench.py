@@ -64,7 +64,9 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
     for name in ("direct_aiohttp", "grpc_hop"):
         assert results["send_message"][name]["sequential_calls"] == 30
     for row in results["idle_streams"]:
+        # Counted by the clients: the streams still open once each had its first item.
         assert row["service"]["streams"] == row["bare"]["streams"] == 100
+        assert row["service"]["errors"] == row["bare"]["errors"] == []
     redis = results["redis"]
     for name in ("sqlite_same_streams", "one_replica", "two_replicas"):
         assert redis[name]["rate_delivered"] == redis[name]["rate_posted"] > 0
