@@ -10,11 +10,13 @@ first agent message and stay open.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
 import pytest
+from reliability_support import record_figures
 from support import Harness, agent_fragment, close_harness, make_config, open_harness
 
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
@@ -34,7 +36,11 @@ async def h(tmp_path: Path) -> AsyncIterator[Harness]:
         await close_harness(harness)
 
 
-async def test_a_burst_of_stream_openings_opens_every_stream(h: Harness) -> None:
+async def test_a_burst_of_stream_openings_opens_every_stream(
+    h: Harness,
+    request: pytest.FixtureRequest,
+    record_property: Callable[[str, object], None],
+) -> None:
     handoffs = [await h.start_handoff(f"burst-{n}") for n in range(HANDOFFS)]
     for n, handoff in enumerate(handoffs):
         answer = await h.post(agent_fragment(handoff.visitor_id, f"m{n}", "hello"))
@@ -65,6 +71,7 @@ async def test_a_burst_of_stream_openings_opens_every_stream(h: Harness) -> None
                 got.set_result("")
 
     stubs = [pb_grpc.HandoffServiceStub(c) for c in channels]
+    started = time.monotonic()
     readers = [
         asyncio.create_task(read(stubs[n % CONNECTIONS], handoffs[n % HANDOFFS].id, got))
         for n, got in enumerate(first_items)
@@ -72,10 +79,21 @@ async def test_a_burst_of_stream_openings_opens_every_stream(h: Harness) -> None
     try:
         async with asyncio.timeout(120):
             firsts = await asyncio.gather(*first_items)
+        opened_s = time.monotonic() - started
         await asyncio.sleep(1.0)
         assert endings == []
         assert sorted(set(firsts)) == [f"m{n}" for n in range(HANDOFFS)]
         assert h.running.manager.open_streams == STREAMS
+        record_figures(
+            request,
+            record_property,
+            {
+                "streams": STREAMS,
+                "connections": CONNECTIONS,
+                "ended": len(endings),
+                "all_open_after_s": round(opened_s, 2),
+            },
+        )
     finally:
         for reader in readers:
             reader.cancel()
