@@ -18,7 +18,7 @@ class Subscription:
     way the buffer can no longer be trusted to hold every event, and ``next`` returns
     None once what it holds has been read.
 
-    Not an ``asyncio.Queue``: that is four deques of some 600 bytes each (its getters,
+    Not an ``asyncio.Queue``: that is four deques of 760 bytes each, empty (its getters,
     putters, items and an Event's waiters) for every open stream, most of them idle. Here
     the items' deque exists only while it holds something, and a reader waits on a future
     of its own.
