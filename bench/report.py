@@ -52,7 +52,9 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
     ingest_ratio = ratio(ingest["service"]["per_s"], ingest["bare"]["per_s"])
     check(
         "ingest >= 50% of a bare Starlette route",
-        f"{ingest_ratio:.0%} ({ingest['service']['per_s']} vs {ingest['bare']['per_s']}/s)",
+        f"{ingest_ratio:.0%} ({ingest['service']['per_s']} vs {ingest['bare']['per_s']}/s; "
+        f"{ingest['service']['server_cpu_us_per_request']} vs "
+        f"{ingest['bare']['server_cpu_us_per_request']} µs of server CPU a request)",
         ingest_ratio >= 0.5,
     )
     send = r["send_message"]
@@ -66,7 +68,11 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
     )
     for row in r["idle_streams"]:
         kib = row["service"]["kib_per_stream"]
-        check(f"<= 20 KiB per idle stream at {row['streams']}", f"{kib} KiB", kib <= 20)
+        check(
+            f"<= 20 KiB per idle stream at {row['streams']}",
+            f"{kib} KiB; the bare grpc.aio server {row['bare']['kib_per_stream']} KiB",
+            kib <= 20,
+        )
     biggest = max(r["idle_streams"], key=lambda row: row["streams"])
     check(
         "10,000 idle streams on one process",

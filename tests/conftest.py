@@ -79,6 +79,16 @@ async def harness(tmp_path: Path, store_flags: tuple[str, ...]) -> AsyncIterator
 
 
 @pytest.fixture
+async def sqlite_harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    """The whole service on SQLite alone, for what does not depend on the store."""
+    h = await open_harness(make_config(tmp_path))
+    try:
+        yield h
+    finally:
+        await close_harness(h)
+
+
+@pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own, to stop and start."""
     server = RedisServer(tmp_path / "redis")

@@ -17,27 +17,21 @@ the fault was.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from support import Harness, agent_fragment, close_harness, fixture, make_config, open_harness
+from support import Harness, agent_fragment, fixture
 
 from service.core.models import encode_cursor
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 
 
 @pytest.fixture
-async def h(tmp_path: Path) -> AsyncIterator[Harness]:
+def h(sqlite_harness: Harness) -> Harness:
     """The whole service on SQLite (the findings do not depend on the store)."""
-    harness = await open_harness(make_config(tmp_path))
-    try:
-        yield harness
-    finally:
-        await close_harness(harness)
+    return sqlite_harness
 
 
 def put(body: dict[str, Any], path: str, value: object) -> None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
 import grpc
 import pytest
 from reliability_support import record_figures
-from support import Harness, agent_fragment, close_harness, make_config, open_harness
+from support import Harness, agent_fragment
 
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
@@ -27,20 +26,12 @@ CONNECTIONS = 30
 HANDOFFS = 10
 
 
-@pytest.fixture
-async def h(tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = await open_harness(make_config(tmp_path))
-    try:
-        yield harness
-    finally:
-        await close_harness(harness)
-
-
 async def test_a_burst_of_stream_openings_opens_every_stream(
-    h: Harness,
+    sqlite_harness: Harness,
     request: pytest.FixtureRequest,
     record_property: Callable[[str, object], None],
 ) -> None:
+    h = sqlite_harness
     handoffs = [await h.start_handoff(f"burst-{n}") for n in range(HANDOFFS)]
     for n, handoff in enumerate(handoffs):
         answer = await h.post(agent_fragment(handoff.visitor_id, f"m{n}", "hello"))
