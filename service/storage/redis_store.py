@@ -37,14 +37,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.commands.core import AsyncScript
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from service.core.codec import (
     handoff_from_json,
@@ -78,26 +78,17 @@ class RedisSettings:
 
 
 class _HiredisPacking:
-    """Commands packed by hiredis, in C: what redis-py's own synchronous client does when
-    hiredis is installed. Its asyncio connections pack in Python, an argument at a time,
-    which was a seventh of a webhook's CPU on Redis (py-spy, make bench's ingest load)."""
+    """Commands packed by hiredis, in C, with redis-py's own ``HiredisRespSerializer``: what
+    its synchronous client does when hiredis is installed. Its asyncio connections pack in
+    Python, an argument at a time, which was a seventh of a webhook's CPU on Redis (py-spy,
+    make bench's ingest load)."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        # Like redis-py: a command name of several words ("CLIENT SETINFO") goes as several.
-        first = args[0]
-        if isinstance(first, str | bytes):
-            words = first.split()
-            if len(words) > 1:
-                args = (*words, *args[1:])
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError:
-            pass  # hiredis takes no bytearray nor memoryview (redis-py does), nor a bool
-        args = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError as exc:
-            raise DataError(str(exc)) from exc
+        packed: list[bytes] = _HIREDIS_SERIALIZER.pack(*args)
+        return packed
+
+
+_HIREDIS_SERIALIZER = HiredisRespSerializer()
 
 
 def _packed_by_hiredis(client: aioredis.Redis) -> aioredis.Redis:
