@@ -47,7 +47,6 @@ class Streams:
         self._first: list[asyncio.Event] = []
         self.received = Received()
         self.errors: list[str] = []
-        self._closing = False  # streams cancelled from then on are not errors
 
     async def open(self, handoffs: list[str], per_handoff: int, channels: int) -> int:
         # A local subchannel pool each: one TCP connection per channel, as separate clients.
@@ -101,8 +100,7 @@ class Streams:
                     if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and cursor:
                         self.received.resumes += 1
                         continue
-                    if exc.code() is not grpc.StatusCode.CANCELLED or not self._closing:
-                        self.errors.append(f"{exc.code().name}: {exc.details()}")
+                    self.errors.append(f"{exc.code().name}: {exc.details()}")
                     return
         finally:
             first.set()
@@ -123,7 +121,6 @@ class Streams:
         }
 
     async def close(self) -> None:
-        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -38,7 +38,7 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.so_reuseport", 0),
     # Calls that arrived but that the event loop has not taken up yet: by default gRPC
     # cancels some of them past 1,000 and all of them past 3,000, which a rollout's burst
-    # of reconnecting streams reaches (3,000 at once lost about a quarter of them). The
+    # of reconnecting streams reaches (tests/reliability/test_reconnect_burst.py). The
     # bound here is twice the 10,000 streams a process is sized for; a call still waits
     # no more than 30 s to be taken up (gRPC's default), and each waiting one is small.
     ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
