@@ -701,6 +701,88 @@ async def test_sqlite_commits_made_in_the_next_turn_join_the_same_transaction(
         await store.close()
 
 
+async def test_sqlite_keeps_the_usual_commits_versions_in_memory_and_never_goes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With statements on the event loop, a commit leaving the record as it was moves the
+    version in memory only (no statement on handoffs); every read gives memory's version,
+    a record evicted from the cache and read from the file again included, so that a
+    writer holding an older version still loses; the versions reach the file with the
+    checkpoints (every CHECKPOINT_EVERY commits) and on closing."""
+    monkeypatch.setattr(sqlite_module, "RECORDS_CACHED", 1)
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY", 5)
+    path = tmp_path / "versions.db"
+    store = await SqliteStore.open(str(path))
+    statements: list[str] = []
+    store._db().set_trace_callback(statements.append)
+
+    def in_file(handoff_id: str) -> int:
+        peek = sqlite3.connect(path)
+        try:
+            row = peek.execute("SELECT version FROM handoffs WHERE id = ?", (handoff_id,))
+            return int(row.fetchone()[0])
+        finally:
+            peek.close()
+
+    try:
+        created, _ = await store.create_handoff(
+            dataclasses.replace(sample_handoff(1), brevo_conversation_id="chat-1")
+        )
+        statements.clear()
+        for version in range(3):
+            await store.commit(
+                Commit(created.at_version(version), version, seen_message_ids=(f"m{version}",))
+            )
+        assert not [s for s in statements if s.startswith("UPDATE handoffs")]
+        assert in_file("ho_1") == 0
+        at_three = created.at_version(3)
+        assert await store.get_handoff("ho_1") == at_three
+        # ho_2 takes the one cached place: ho_1 is read from the file from now on.
+        await store.create_handoff(sample_handoff(2))
+        assert await store.get_handoff("ho_2") is not None
+        assert in_file("ho_1") == 0
+        assert await store.find_by_brevo_conversation("chat-1") == at_three
+        assert await store.find_open_by_conversation("conv-1") == at_three
+        assert await store.pending_before(10_000) == [at_three, sample_handoff(2)]
+        assert await store.get_handoff("ho_1") == at_three
+        for stale in (0, 2):
+            with pytest.raises(ConcurrentUpdate):
+                await store.commit(
+                    Commit(created.at_version(stale), stale, seen_message_ids=("x",))
+                )
+        # Evicted, then changed: the statement writes the record at memory's version + 1.
+        await store.create_handoff(sample_handoff(3))  # evicts ho_1 again
+        ended = dataclasses.replace(
+            at_three, state=HandoffState.ENDED, end_reason=EndReason.TIMED_OUT
+        )
+        await store.commit(Commit(ended, 3))
+        assert in_file("ho_1") == 4
+        assert await store.get_handoff("ho_1") == ended.at_version(4)
+        # The fifth commit since the last checkpoint writes memory's versions first.
+        h3 = await store.get_handoff("ho_3")
+        assert h3 is not None
+        if store._checkpoint is not None:  # one started by the commits above
+            await store._checkpoint
+        store._commits_unchecked = 0
+        for version in range(4):
+            await store.commit(Commit(h3.at_version(version), version, seen_message_ids=("a",)))
+        assert in_file("ho_3") == 0
+        await store.commit(Commit(h3.at_version(4), 4, seen_message_ids=("b",)))
+        assert in_file("ho_3") == 5
+        assert await store.get_handoff("ho_3") == h3.at_version(5)
+        # Memory's versions reach the file on closing too.
+        await store.commit(Commit(h3.at_version(5), 5, seen_message_ids=("c",)))
+        assert in_file("ho_3") == 5
+    finally:
+        await store.close()
+    assert in_file("ho_3") == 6
+    reopened = await SqliteStore.open(str(path))
+    try:
+        assert await reopened.get_handoff("ho_3") == h3.at_version(6)
+    finally:
+        await reopened.close()
+
+
 async def test_a_new_sqlite_file_has_small_pages_and_an_older_file_keeps_its_own(
     tmp_path: Path,
 ) -> None:

@@ -100,10 +100,11 @@ _UPDATE_ALL = (
     " release_at_ms = ? WHERE id = ? AND version = ?"
 )
 _UPDATE_RECORD = "UPDATE handoffs SET version = ?, record = ? WHERE id = ? AND version = ?"
-# The usual webhook leaves the record as it was and only moves its version on: the record's
-# text stays, and the ``version`` column is what a read takes (the text's own version field
-# may then lag behind it; it is never read). Encoding the record was a tenth of a webhook's
-# own work.
+# A commit that leaves the record as it was (the usual webhook) moves its version on: the
+# record's text stays, and the ``version`` column is what a read takes (the text's own
+# version field may then lag behind it; it is never read). Encoding the record was a tenth
+# of a webhook's own work. With statements on the event loop, even the version column waits
+# (see SqliteStore._lagging).
 _UPDATE_VERSION = "UPDATE handoffs SET version = ? WHERE id = ? AND version = ?"
 # Every read of a record: its text and its version.
 _RECORD = "SELECT record, version FROM handoffs"
@@ -158,9 +159,10 @@ _Queued = tuple[Commit, "asyncio.Future[list[StoredEvent]]"]
 # load, once a second, even for those few frames: most of it the two syncs.)
 CHECKPOINT_EVERY = 1000
 
-# A webhook changes a row in three places of the file (its handoff's version, its event, the
-# event's entry in the handoff's index), each on a page of its own, and every page changed is
-# written to the log whole, then copied by the checkpoint. Pages of 2 KiB rather than
+# A webhook changes a row in two places of the file (its event, the event's entry in the
+# handoff's index; its handoff's version waits in memory, see SqliteStore._lagging), each on a
+# page of its own, and every page changed is written to the log whole, then copied by the
+# checkpoint. Pages of 2 KiB rather than
 # SQLite's 4 KiB cost less to write than they add in depth; 1 KiB pages did no
 # better (``make micro``'s webhook route, run twice with each value on 2026-11-26: 57 and 59 µs
 # of CPU a webhook with 4 KiB, 56 and 56 with 2 KiB, 56 and 58 with 1 KiB). Only a new file
@@ -185,12 +187,6 @@ def _only_writer(path: str) -> int:
             "of its own, and replicas that share their state need REDIS_URL"
         ) from None
     return descriptor
-
-
-def _record(row: tuple[str, int]) -> Handoff:
-    """A handoff from its row's ``record`` and ``version`` (see _UPDATE_VERSION)."""
-    handoff = handoff_from_json(row[0])
-    return handoff if handoff.version == row[1] else handoff.at_version(row[1])
 
 
 def _unavailable(exc: Exception) -> Exception:
@@ -227,6 +223,18 @@ class SqliteStore:
         # Checkpoints on the thread (NORMAL mode, see CHECKPOINT_EVERY).
         self._commits_unchecked = 0
         self._checkpoint: asyncio.Task[None] | None = None
+        # Versions only memory has: handoff id -> (the version in the file, the handoff's
+        # version). With statements on the event loop, a commit that leaves the record as it
+        # was (the usual webhook) moves the version here rather than in the file: the file's
+        # version was a statement and a page more written to the log for every webhook's
+        # handoff, copied again by the checkpoint (see README, Performance, the eighth
+        # round). The version check of a commit then compares with the
+        # version here; every read of a record gives it (an evicted record read again from
+        # the file included: a writer that read an older version still loses). The versions
+        # go to the file with every checkpoint (so that at most CHECKPOINT_EVERY are kept)
+        # and on closing. A process that dies loses them, with every caller that held one:
+        # the next process starts from the file's, and only this process writes the file.
+        self._lagging: dict[str, tuple[int, int]] = {}
         # Records by handoff id, and handoff ids by visitor id (see RECORDS_CACHED).
         self._records: collections.OrderedDict[str, Handoff] = collections.OrderedDict()
         self._by_visitor: dict[str, str] = {}
@@ -381,9 +389,18 @@ class SqliteStore:
         self._remember(created[0])
         return created
 
+    def _record(self, row: tuple[str, int]) -> Handoff:
+        """A handoff from its row's ``record`` and ``version`` (see _UPDATE_VERSION), at the
+        version memory has when the file's lags behind (see _lagging). Also on the thread:
+        a read racing a commit may give the version before it, which that commit refuses."""
+        handoff = handoff_from_json(row[0])
+        lagging = self._lagging.get(handoff.id)
+        version = row[1] if lagging is None else lagging[1]
+        return handoff if handoff.version == version else handoff.at_version(version)
+
     def _one(self, sql: str, args: tuple[object, ...]) -> Handoff | None:
         row = self._db().execute(sql, args).fetchone()
-        return _record(row) if row else None
+        return self._record(row) if row else None
 
     def _remembered(self, handoff: Handoff | None) -> Handoff | None:
         if handoff is not None:
@@ -465,7 +482,7 @@ class SqliteStore:
                 _RECORD + " WHERE state = ? AND created_at_ms < ? ORDER BY created_at_ms",
                 (HandoffState.PENDING_AGENT.value, created_before_ms),
             )
-            return [_record(r) for r in rows]
+            return [self._record(r) for r in rows]
 
         return await self._read(pending)
 
@@ -475,7 +492,7 @@ class SqliteStore:
                 _RECORD + " WHERE release_at_ms <= ? ORDER BY release_at_ms",
                 (release_before_ms,),
             )
-            return [_record(r) for r in rows]
+            return [self._record(r) for r in rows]
 
         return await self._read(due)
 
@@ -534,7 +551,33 @@ class SqliteStore:
                 and not self._closed  # closing checkpoints anyway
             ):
                 self._commits_unchecked = 0
+                self._write_lagging_versions()
                 self._start_checkpoint()
+
+    def _write_lagging_versions(self) -> None:
+        """Writes the versions only memory has to the file, in a transaction of their own
+        (see _lagging). On the event loop (they exist only when statements run there). A
+        failure leaves them in memory for the next time, and only delays their writing."""
+        if not self._lagging:
+            return
+        # Unconditional: memory's version is the handoff's, whatever the file says.
+        rows = [(live, handoff_id) for handoff_id, (_, live) in self._lagging.items()]
+        db = self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("UPDATE handoffs SET version = ? WHERE id = ?", rows)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            log.warning(
+                "SQLite: writing %d handoff versions failed; retried later: %s", len(rows), exc
+            )
+            return
+        self._lagging.clear()
 
     def _start_checkpoint(self) -> None:
         self._checkpoint = asyncio.get_running_loop().create_task(self._checkpoint_on_thread())
@@ -584,10 +627,11 @@ class SqliteStore:
         except sqlite3.Error as exc:
             return [_unavailable(exc)] * len(batch)
         outcomes: list[list[StoredEvent] | Exception] = []
+        versions: dict[str, tuple[int, int]] = {}  # this batch's changes to _lagging
         try:
             for commit, _ in batch:
                 try:
-                    outcomes.append(self._apply(db, commit))
+                    outcomes.append(self._apply(db, commit, versions))
                 except ConcurrentUpdate as exc:
                     outcomes.append(exc)
             db.execute("COMMIT")
@@ -596,6 +640,11 @@ class SqliteStore:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
             return [_unavailable(exc)] * len(batch)
+        for handoff_id, (in_file, live) in versions.items():
+            if in_file == live:
+                self._lagging.pop(handoff_id, None)
+            else:
+                self._lagging[handoff_id] = (in_file, live)
         return outcomes
 
     def _finish(
@@ -617,18 +666,34 @@ class SqliteStore:
             if not done.done():
                 done.set_result(outcome)
 
-    def _apply(self, db: sqlite3.Connection, commit: Commit) -> list[StoredEvent]:
-        """Writes one commit; its first statement checks the version (and writes nothing
-        when it is stale). What it writes of the record depends on what changed, known from
-        the cached record at the expected version: nothing but the version (the usual
-        webhook), the record's text, or the indexed columns too."""
+    def _apply(
+        self, db: sqlite3.Connection, commit: Commit, versions: dict[str, tuple[int, int]]
+    ) -> list[StoredEvent]:
+        """Writes one commit; it checks the version first (and writes nothing when it is
+        stale): against the version memory has when the file's lags behind (see _lagging,
+        with ``versions``, the batch's changes to it, which this adds to), else by its first
+        statement. What it writes of the record depends on what changed, known from the
+        cached record at the expected version: nothing, with statements on the event loop,
+        or else the version alone (the usual webhook), the record's text, or the indexed
+        columns too."""
         h = commit.handoff
         version = commit.expected_version
+        lagging = versions.get(h.id) or self._lagging.get(h.id)
+        if lagging is not None and lagging[1] != version:
+            raise ConcurrentUpdate(f"handoff {h.id} changed since it was read")
+        # The version the file has: the statements below check it.
+        in_file = version if lagging is None else lagging[0]
         before = self._records.get(h.id)
         if before is not None and before.version != version:
             before = None  # stale: the statement below refuses it
-        if before is not None and (h is before or h == before):
-            updated = db.execute(_UPDATE_VERSION, (version + 1, h.id, version)).rowcount
+        unchanged = before is not None and (h is before or h == before)
+        if unchanged and self._inline:
+            # The cached record is at the expected version, and it is the file's (or
+            # memory's, when it lags): nothing else writes the file.
+            versions[h.id] = (in_file, version + 1)
+            updated = 1
+        elif unchanged:
+            updated = db.execute(_UPDATE_VERSION, (version + 1, h.id, in_file)).rowcount
         elif (
             before is not None
             and before.state is h.state
@@ -636,7 +701,7 @@ class SqliteStore:
             and before.next_release_ms == h.next_release_ms
         ):
             record = handoff_to_json(h, version=version + 1)
-            updated = db.execute(_UPDATE_RECORD, (version + 1, record, h.id, version)).rowcount
+            updated = db.execute(_UPDATE_RECORD, (version + 1, record, h.id, in_file)).rowcount
         else:
             updated = db.execute(
                 _UPDATE_ALL,
@@ -647,11 +712,13 @@ class SqliteStore:
                     handoff_to_json(h, version=version + 1),
                     h.next_release_ms,
                     h.id,
-                    version,
+                    in_file,
                 ),
             ).rowcount
         if updated != 1:
             raise ConcurrentUpdate(f"handoff {h.id} changed since it was read")
+        if not (unchanged and self._inline):
+            versions[h.id] = (version + 1, version + 1)  # the file has it
         stored: list[StoredEvent] = []
         carried: set[str] = set()  # message ids stored with their events
         for event in commit.events:
@@ -844,6 +911,8 @@ class SqliteStore:
                 self._flush_batch()
             else:
                 await self._flush_on_thread()
+        if self._inline:
+            self._write_lagging_versions()
         self._records.clear()
         self._by_visitor.clear()
         self._ids.clear()
