@@ -806,33 +806,53 @@ async def test_sqlite_keeps_the_ids_of_the_handoffs_used_last_within_its_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past IDS_CACHED ids in all, the handoffs whose webhooks came least recently give
-    theirs up (and ask the file once at their next webhook), rather than every new handoff
-    asking the file at each of its webhooks."""
+    theirs up, rather than every new handoff asking the file at each of its webhooks. A
+    handoff that gave its ids up asks the file for its own ids at each webhook until they fit
+    in the room left free, and never loads them whole by dropping another's: handoffs taking
+    turns (as webhooks do) then made every webhook read all of its handoff's ids."""
     monkeypatch.setattr(sqlite_module, "IDS_CACHED", 5)
     store = await SqliteStore.open(str(tmp_path / "budget.db"))
     statements: list[str] = []
     store._db().set_trace_callback(statements.append)
 
-    def id_reads() -> int:
-        return sum("FROM seen_messages" in s for s in statements)
+    def id_reads() -> tuple[int, int]:
+        """Whole loads (LIMIT), and lookups of a webhook's own ids (IN)."""
+        reads = [s for s in statements if "FROM seen_messages" in s]
+        return sum("LIMIT" in s for s in reads), sum("IN (" in s for s in reads)
 
     try:
-        handoffs = [(await store.create_handoff(sample_handoff(n)))[0] for n in range(3)]
-        for n, h in enumerate(handoffs):  # two ids each: 2, 4, then 6 > 5
+        handoffs = [(await store.create_handoff(sample_handoff(n)))[0] for n in range(4)]
+        for n, h in enumerate(handoffs[:3]):  # two ids each: 2, 4, then 6 > 5
             assert await known(store, h.id, []) == (set(), set())
             await store.commit(Commit(h, 0, seen_message_ids=(f"a{n}", f"b{n}")))
-        assert id_reads() == 3  # each handoff's first webhook read its ids
+        assert id_reads() == (3, 0)  # each handoff's first webhook read its ids whole
         # ho_0 was used least recently: its ids went to make room for ho_2's.
         assert await known(store, "ho_2", ["a2", "x"]) == ({"a2"}, set())
         assert await known(store, "ho_1", ["b1"]) == ({"b1"}, set())
-        assert id_reads() == 3
-        assert await known(store, "ho_0", ["a0", "b0", "x"]) == ({"a0", "b0"}, set())
-        assert id_reads() == 4  # read from the file once, kept again (ho_2's went)
+        assert id_reads() == (3, 0)
+        # The three take turns: ho_0 asks the file for its own ids, each time, and the
+        # others keep theirs (one id of room is left: ho_0's two do not fit).
+        for _ in range(3):
+            assert await known(store, "ho_0", ["a0", "b0", "x"]) == ({"a0", "b0"}, set())
+            assert await known(store, "ho_1", ["a1"]) == ({"a1"}, set())
+            assert await known(store, "ho_2", ["b2"]) == ({"b2"}, set())
+        assert id_reads() == (3, 3)
+        # What ho_0 stores while displaced is found in the file too.
+        await store.commit(Commit(handoffs[0].at_version(1), 1, seen_message_ids=("c0",)))
+        assert await known(store, "ho_0", ["c0", "y"]) == ({"c0"}, set())
+        # A new handoff still gets a place, the least recently used (ho_1) giving theirs up.
+        await store.commit(Commit(handoffs[3], 0, seen_message_ids=("a3", "b3")))
+        assert await known(store, "ho_3", ["a3"]) == ({"a3"}, set())
+        assert id_reads() == (4, 4)
+        assert await known(store, "ho_3", ["b3", "z"]) == ({"b3"}, set())
+        assert await known(store, "ho_1", ["a1", "b1"]) == ({"a1", "b1"}, set())
+        assert id_reads() == (4, 5)
+        # Once room is free (ho_2's record forgotten), ho_0's ids (three now) are loaded
+        # whole again and answered from memory.
+        store._forget("ho_2")
+        assert await known(store, "ho_0", ["a0", "c0"]) == ({"a0", "c0"}, set())
         assert await known(store, "ho_0", ["b0"]) == ({"b0"}, set())
-        assert await known(store, "ho_1", ["a1"]) == ({"a1"}, set())
-        assert id_reads() == 4
-        assert await known(store, "ho_2", ["b2"]) == ({"b2"}, set())
-        assert id_reads() == 5
+        assert id_reads() == (5, 5)
     finally:
         await store.close()
 

@@ -143,8 +143,15 @@ RECORDS_CACHED = 4096
 # paid once (both on the event loop: the bound keeps that one read short). Past IDS_CACHED, the
 # ids of the handoffs whose webhooks came least recently are dropped (and read again at their
 # next webhook). A cached handoff keeps growing past IDS_LOADED: learning an id costs nothing.
+# A handoff whose ids were dropped to make room is loaded again only into room left free,
+# never by dropping others' (see SqliteStore._displaced): once the handoffs receiving webhooks
+# hold more than IDS_CACHED ids in all, taking turns, each loaded whole to drop the next one's
+# ids, so that every webhook read all of its handoff's ids from the file (``make micro``'s
+# webhook route over the budget, below the webhook route's own line).
 IDS_LOADED = 10_000
 IDS_CACHED = 100_000
+# Handoffs remembered as displaced from IDS_CACHED, the oldest forgotten first.
+DISPLACED_KEPT = 100_000
 
 _Queued = tuple[Commit, "asyncio.Future[list[StoredEvent]]"]
 
@@ -245,6 +252,10 @@ class SqliteStore:
             collections.OrderedDict()
         )
         self._ids_count = 0  # ids in ``_ids``
+        # Handoffs whose ids went to make room for others' (see IDS_CACHED), with how many
+        # they had then (they have no fewer now): their webhooks ask the file for their own
+        # ids until their ids fit in the room left free.
+        self._displaced: collections.OrderedDict[str, int] = collections.OrderedDict()
 
     @classmethod
     async def open(cls, path: str, synchronous: str = "NORMAL") -> Self:
@@ -796,17 +807,41 @@ class SqliteStore:
         left the cache, and new ones were then refused: every webhook of theirs asked the
         file.)"""
         while self._ids and self._ids_count + count > IDS_CACHED:
-            self._drop_ids(next(iter(self._ids)))
+            oldest = next(iter(self._ids))
+            ids = self._ids[oldest]
+            if ids is not None:
+                self._displaced[oldest] = len(ids[0]) + len(ids[1])
+                self._displaced.move_to_end(oldest)
+                if len(self._displaced) > DISPLACED_KEPT:
+                    self._displaced.popitem(last=False)
+            self._drop_ids(oldest)
 
-    def _all_ids(self, handoff_id: str) -> tuple[set[str], set[str]] | None:
+    def _load_ids(self, handoff_id: str) -> tuple[set[str], set[str]] | None:
+        """A cached record's ids, read whole from the file at its first webhook and kept
+        (None, kept too: more than IDS_LOADED, its webhooks ask the file). A handoff that
+        was displaced (see _make_room) is kept again only when its ids fit in the room left
+        free; else None, not kept: this webhook asks the file for its own ids."""
+        held = self._displaced.get(handoff_id)
+        if held is not None:
+            room = min(IDS_LOADED, IDS_CACHED - self._ids_count)
+            loaded = self._all_ids(handoff_id, room) if held <= room else None
+            if loaded is not None:
+                del self._displaced[handoff_id]
+                self._keep_ids(handoff_id, loaded)  # it fits: drops no others'
+            return loaded
+        loaded = self._all_ids(handoff_id, IDS_LOADED)
+        self._keep_ids(handoff_id, loaded)
+        return loaded
+
+    def _all_ids(self, handoff_id: str, most: int) -> tuple[set[str], set[str]] | None:
         """Every id the handoff has seen and sent, or None when there are more than
-        IDS_LOADED."""
+        ``most``."""
         rows = (
             self._db()
-            .execute(_KEPT_IDS.format(also="") + " LIMIT ?", (handoff_id,) * 3 + (IDS_LOADED + 1,))
+            .execute(_KEPT_IDS.format(also="") + " LIMIT ?", (handoff_id,) * 3 + (most + 1,))
             .fetchall()
         )
-        if len(rows) > IDS_LOADED:
+        if len(rows) > most:
             return None
         seen = {message_id for table, message_id in rows if not table}
         sent = {message_id for table, message_id in rows if table}
@@ -841,8 +876,7 @@ class SqliteStore:
         elif self._inline and handoff_id in self._records:
             # The first webhook of a cached record reads all its ids, to spare the next ones
             # (inline, nothing can commit in between).
-            cached = await self._run(lambda: self._all_ids(handoff_id))
-            self._keep_ids(handoff_id, cached)
+            cached = await self._run(lambda: self._load_ids(handoff_id))
         else:
             cached = None
         if cached is not None:
@@ -917,6 +951,7 @@ class SqliteStore:
         self._by_visitor.clear()
         self._ids.clear()
         self._ids_count = 0
+        self._displaced.clear()
 
         def close_reader() -> None:
             if self._reader is not None:
