@@ -6,7 +6,7 @@ DEPS   := $(VENV)/.deps-installed
 STUBS  := service/rpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run demo test lint typecheck unit proto stubs stub-tools redis bench micro clean
+.PHONY: run demo test lint typecheck unit proto stubs stub-tools redis bench bench-grpc-floor micro clean
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ redis:
 ## bench: the benchmark suite, beside its bare-transport baselines; writes docs/bench/
 bench: $(STUBS) redis
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+## bench-grpc-floor: an idle stream's memory on a grpc.aio server keeping nothing for it,
+## under each grpcio release of GRPCIO_VERSIONS (each in its own venv under build/grpc-floor/)
+GRPCIO_VERSIONS ?= 1.49.1 1.51.3 1.53.2 1.54.3 1.60.2 1.62.3 1.70.0 1.78.0 1.85.1
+bench-grpc-floor:
+	scripts/grpc-floor-versions.sh $(GRPCIO_VERSIONS)
 
 ## micro: a webhook's own work, in-process (python -m bench.micro; about ten seconds)
 micro: $(STUBS)

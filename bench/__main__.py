@@ -120,6 +120,8 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         warm_up = service_target(svc, idle_ids, idle_visitors, "idle").warm_up
         assert warm_up is not None
         await warm_up()  # every idle stream replays one message: its first item
+        floor, floor_ports = await start_json_server("floor", log_dir)
+        procs.append(floor)
         idle = []
         for count in sizes.idle_counts:
             ours_idle = await idle_streams(svc, svc.grpc_target, idle_ids, count, log_dir)
@@ -130,10 +132,20 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
                 count,
                 log_dir,
             )
-            idle.append({"streams": count, "service": ours_idle, "bare": base_idle})
+            floor_idle = await idle_streams(
+                floor,
+                f"127.0.0.1:{floor_ports['grpc_port']}",
+                [f"idle-{n}" for n in range(10)],
+                count,
+                log_dir,
+            )
+            idle.append(
+                {"streams": count, "service": ours_idle, "bare": base_idle, "floor": floor_idle}
+            )
             say(
                 f"   {count}: service {ours_idle['kib_per_stream']} KiB/stream; "
-                f"bare {base_idle['kib_per_stream']} KiB/stream"
+                f"bare {base_idle['kib_per_stream']} KiB/stream; "
+                f"floor {floor_idle['kib_per_stream']} KiB/stream"
             )
         results["idle_streams"] = idle
 

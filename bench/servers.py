@@ -8,9 +8,12 @@
   the same uvicorn set-up as the gateway (``service.http_server``), a Starlette route that
   hands one message to the streams of a handoff (``POST /push/{handoff_id}``) and a route
   that only answers 200 (``POST /ok``).
+- ``floor``: a ``grpc.aio`` server keeping nothing of its own for a stream
+  (``bench.grpc_floor``), with the service's server options: what an idle stream costs
+  gRPC alone.
 
-``python -m bench.servers standin|bare`` prints one JSON line with its ports, then serves
-until SIGTERM.
+``python -m bench.servers standin|bare|floor`` prints one JSON line with its ports, then
+serves until SIGTERM.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bench import grpc_floor
 from service.brevo.sandbox import BrevoSandbox
 from service.http_server import start_http_server
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
@@ -137,6 +141,14 @@ async def serve_bare() -> dict[str, int]:
     return {"grpc_port": grpc_port, "http_port": http.port}
 
 
+async def serve_floor() -> dict[str, int]:
+    server = grpc_floor.server(SERVER_OPTIONS)
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    _KEEP.append(server)
+    return {"grpc_port": grpc_port}
+
+
 async def serve_standin() -> dict[str, int]:
     sandbox = BrevoSandbox(api_key=STANDIN_API_KEY, auto_agent=False, service_agent=SERVICE_AGENT)
     http = await start_http_server(sandbox.app, "127.0.0.1", 0)
@@ -144,8 +156,11 @@ async def serve_standin() -> dict[str, int]:
     return {"http_port": http.port}
 
 
+SERVERS = {"bare": serve_bare, "standin": serve_standin, "floor": serve_floor}
+
+
 async def main(kind: str) -> None:
-    ports = await (serve_bare() if kind == "bare" else serve_standin())
+    ports = await SERVERS[kind]()
     sys.stdout.write(json.dumps(ports) + "\n")
     sys.stdout.flush()
     stop = asyncio.Event()
@@ -156,6 +171,6 @@ async def main(kind: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in ("bare", "standin"):
-        sys.exit("usage: python -m bench.servers bare|standin")
+    if len(sys.argv) != 2 or sys.argv[1] not in SERVERS:
+        sys.exit("usage: python -m bench.servers bare|standin|floor")
     asyncio.run(main(sys.argv[1]))

@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 from log_audit import audit_output
 
+from bench import grpc_floor
 from bench.processes import WEBHOOK_TOKEN
 from bench.servers import STANDIN_API_KEY
+from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 # The bench's secrets, named here so that the log audit looks for them in its logs.
@@ -34,7 +37,13 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # Every process the bench started logged to build/bench-quick/logs: into the log audit.
     logs = sorted((REPO / "build" / "bench-quick" / "logs").glob("*.log"))
-    assert {p.stem for p in logs} >= {"standin", "bare", "service-sqlite", "service-redis-a"}
+    assert {p.stem for p in logs} >= {
+        "standin",
+        "bare",
+        "floor",
+        "service-sqlite",
+        "service-redis-a",
+    }
     for log in logs:
         audit_output(f"bench {log.stem}", log.read_text(errors="replace"))
     results = json.loads((tmp_path / "results.json").read_text())
@@ -65,8 +74,9 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
         assert results["send_message"][name]["sequential_calls"] == 30
     for row in results["idle_streams"]:
         # Counted by the clients: the streams still open once each had its first item.
-        assert row["service"]["streams"] == row["bare"]["streams"] == 100
-        assert row["service"]["errors"] == row["bare"]["errors"] == []
+        for name in ("service", "bare", "floor"):
+            assert row[name]["streams"] == 100, row
+            assert row[name]["errors"] == [], row
     redis = results["redis"]
     for name in ("sqlite_same_streams", "one_replica", "two_replicas"):
         assert redis[name]["rate_delivered"] == redis[name]["rate_posted"] > 0
@@ -82,3 +92,29 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
     assert "--quick smoke run" in table
     assert all(what in table for what in whats)
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_floor_sends_the_contract_s_heartbeat_on_the_contract_s_path() -> None:
+    """bench/grpc_floor.py imports neither stubs nor protobuf (any grpcio release runs it):
+    its first item and method path, spelt out there, are the contract's."""
+    heartbeat = pb.StreamAgentRepliesResponse(heartbeat=pb.Heartbeat()).SerializeToString()
+    assert heartbeat == grpc_floor.HEARTBEAT
+    service = pb.DESCRIPTOR.services_by_name["HandoffService"]
+    assert f"/{service.full_name}/StreamAgentReplies" == grpc_floor.METHOD
+
+
+@pytest.mark.timeout(120)
+def test_the_floor_measures_a_new_server_s_memory_per_open_stream() -> None:
+    done = subprocess.run(  # noqa: S603 (fixed arguments)
+        [sys.executable, str(REPO / "bench" / "grpc_floor.py"), "--streams", "200"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout)
+    assert figures["grpcio"] == grpc.__version__
+    assert (figures["requested"], figures["streams"]) == (200, 200)
+    assert figures["rss_with_streams_mib"] > figures["rss_before_mib"] > 0
+    assert figures["kib_per_stream"] > 0

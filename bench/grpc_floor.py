@@ -1,0 +1,165 @@
+"""The floor under an idle stream's memory: a ``grpc.aio`` server that keeps nothing of its
+own for a stream (it sends one heartbeat, then waits on a future no one resolves), so that
+what an open stream costs it is gRPC's alone: the C core's call, its HTTP/2 stream and
+grpc.aio's objects for the call.
+
+``make bench`` runs it as a server of its own (``python -m bench.servers floor``) beside the
+service and the bare baseline, and reads its memory with the same stream clients. Standing
+alone it needs nothing but ``grpcio`` (neither the contract's stubs nor protobuf), so that
+any release of grpcio can be measured with it (``make bench-grpc-floor``):
+
+- ``python bench/grpc_floor.py [--streams N]``: starts the server and a client process,
+  opens N streams (100 a connection), and prints one JSON line: the grpcio version, the
+  streams open and the server's resident memory per stream, over none;
+- ``python bench/grpc_floor.py serve``: the server alone; prints ``{"grpc_port": ...}``,
+  serves until SIGTERM;
+- ``python bench/grpc_floor.py client PORT N CHANNELS``: opens the streams, prints
+  ``{"opened": n}`` once each had its first item, and holds them until standard input ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+METHOD = "/handoff.v1.HandoffService/StreamAgentReplies"
+# StreamAgentRepliesResponse(heartbeat=Heartbeat()) encoded (field 2, empty): the clients of
+# make bench read it as the contract's first item (tests/test_bench.py checks the bytes).
+HEARTBEAT = b"\x12\x00"
+# gRPC cancels calls waiting to be taken up past 1,000 by default (see service/rpc/server.py's
+# MAX_PENDING_CALLS): a burst of 10,000 streams needs more.
+PENDING = [
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 20_000),
+]
+
+
+async def _stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+    yield HEARTBEAT
+    await asyncio.get_running_loop().create_future()  # resolved by no one: idle until cancelled
+
+
+def server(options: Sequence[tuple[str, Any]] = PENDING) -> grpc.aio.Server:
+    """The floor's server, not started; it listens on nothing yet."""
+    server = grpc.aio.server(options=list(options))
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_stream_rpc_method_handler(
+        _stream  # bytes in, bytes out
+    )
+    service, method = METHOD.rsplit("/", 1)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.lstrip("/"), {method: handler}),)
+    )
+    return server
+
+
+async def _serve() -> None:
+    floor = server()
+    port = floor.add_insecure_port("127.0.0.1:0")
+    await floor.start()
+    print(json.dumps({"grpc_port": port}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await floor.stop(None)
+
+
+async def _client(port: int, streams: int, channels: int) -> None:
+    opened = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}", [("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(channels)
+    ]
+    methods: list[Any] = [channel.unary_stream(METHOD) for channel in opened]
+    calls = [methods[n % channels](b"") for n in range(streams)]
+
+    async def first(call: Any) -> bool:
+        try:
+            return bool(await call.read() == HEARTBEAT)
+        except grpc.RpcError:  # not open: counted out
+            return False
+
+    firsts = await asyncio.gather(*(first(call) for call in calls))
+    print(json.dumps({"opened": sum(firsts)}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    for call in calls:
+        call.cancel()
+    for channel in opened:
+        await channel.close()
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def measure(streams: int) -> dict[str, Any]:
+    """The server's resident memory per open stream, ``streams`` open at once over
+    ``streams / 100`` connections from a client process, on a new server process."""
+    me = [sys.executable, __file__]
+    serving = subprocess.Popen([*me, "serve"], stdout=subprocess.PIPE, text=True)  # noqa: S603
+    try:
+        assert serving.stdout is not None
+        port = json.loads(serving.stdout.readline())["grpc_port"]
+        time.sleep(1.0)
+        before = _rss(serving.pid)
+        channels = max(1, streams // 100)
+        client = subprocess.Popen(  # noqa: S603 (this file, with numbers)
+            [*me, "client", str(port), str(streams), str(channels)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert client.stdout is not None
+            line = client.stdout.readline()
+            if not line:
+                raise RuntimeError("the floor's client process ended before opening its streams")
+            opened = int(json.loads(line)["opened"])
+            time.sleep(1.0)
+            with_streams = _rss(serving.pid)
+        finally:
+            client.kill()  # the measure is taken: no need to close the streams one by one
+            client.wait(30)
+    finally:
+        serving.kill()  # likewise: a graceful stop would cancel each call, noisily
+        serving.wait(30)
+    return {
+        "grpcio": grpc.__version__,
+        "python": sys.version.split()[0],
+        "requested": streams,
+        "streams": opened,
+        "rss_before_mib": round(before / 2**20, 1),
+        "rss_with_streams_mib": round(with_streams / 2**20, 1),
+        "kib_per_stream": round((with_streams - before) / max(opened, 1) / 1024, 2),
+    }
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"]:
+        asyncio.run(_serve())
+        return 0
+    if argv[:1] == ["client"] and len(argv) == 4:
+        asyncio.run(_client(int(argv[1]), int(argv[2]), int(argv[3])))
+        return 0
+    parser = argparse.ArgumentParser(prog="python bench/grpc_floor.py", description=__doc__)
+    parser.add_argument("--streams", type=int, default=10_000, help="streams to open")
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args.streams)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
