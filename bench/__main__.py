@@ -120,8 +120,6 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         warm_up = service_target(svc, idle_ids, idle_visitors, "idle").warm_up
         assert warm_up is not None
         await warm_up()  # every idle stream replays one message: its first item
-        floor, floor_ports = await start_json_server("floor", log_dir)
-        procs.append(floor)
         idle = []
         for count in sizes.idle_counts:
             ours_idle = await idle_streams(svc, svc.grpc_target, idle_ids, count, log_dir)
@@ -132,13 +130,19 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
                 count,
                 log_dir,
             )
-            floor_idle = await idle_streams(
-                floor,
-                f"127.0.0.1:{floor_ports['grpc_port']}",
-                [f"idle-{n}" for n in range(10)],
-                count,
-                log_dir,
-            )
+            # A new floor for each count: what its streams cost a process that has kept
+            # nothing from any before them.
+            floor, floor_ports = await start_json_server(f"floor-{count}", log_dir, "floor")
+            try:
+                floor_idle = await idle_streams(
+                    floor,
+                    f"127.0.0.1:{floor_ports['grpc_port']}",
+                    [f"idle-{n}" for n in range(10)],
+                    count,
+                    log_dir,
+                )
+            finally:
+                await floor.stop()
             idle.append(
                 {"streams": count, "service": ours_idle, "bare": base_idle, "floor": floor_idle}
             )

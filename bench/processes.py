@@ -102,13 +102,17 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-async def start_json_server(kind: str, log_dir: Path) -> tuple[Proc, dict[str, Any]]:
-    """``bench.servers`` (``bare`` or ``standin``); returns it and the ports it printed."""
-    proc = await _spawn(kind, [sys.executable, "-m", "bench.servers", kind], log_dir, _env())
+async def start_json_server(
+    name: str, log_dir: Path, kind: str | None = None
+) -> tuple[Proc, dict[str, Any]]:
+    """``bench.servers`` of ``kind`` (default: ``name``: ``bare``, ``standin`` or ``floor``),
+    logging as ``name``; returns it and the ports it printed."""
+    kind = kind or name
+    proc = await _spawn(name, [sys.executable, "-m", "bench.servers", kind], log_dir, _env())
     assert proc.process.stdout is not None
     line = await asyncio.wait_for(proc.process.stdout.readline(), 30)
     if not line:
-        raise RuntimeError(f"{kind} did not start: see {proc.log_path}")
+        raise RuntimeError(f"{name} did not start: see {proc.log_path}")
     ports: dict[str, Any] = json.loads(line)
     return proc, ports
 

@@ -189,9 +189,9 @@ def markdown(r: dict[str, Any], found: list[dict[str, Any]]) -> str:
         "Resident memory of the server process with the streams open, over none, per stream "
         "open: those the clients still hold once every stream has had its first item. The "
         "service and the bare server have served the sections before, and their allocators "
-        "reuse what they kept from them first. The floor is a grpc.aio server, new for this "
-        "section, that keeps nothing of its own for a stream (bench/grpc_floor.py): what an "
-        "idle stream costs gRPC alone.",
+        "reuse what they kept from them first. The floor is a grpc.aio server that keeps "
+        "nothing of its own for a stream (bench/grpc_floor.py), a new process for each count: "
+        "what an idle stream costs gRPC alone, with nothing to reuse.",
         "",
         "| streams requested | | open | KiB per stream | RSS before MiB | with streams MiB |",
         "|---|---|---|---|---|---|",

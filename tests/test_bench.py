@@ -40,7 +40,7 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
     assert {p.stem for p in logs} >= {
         "standin",
         "bare",
-        "floor",
+        "floor-100",
         "service-sqlite",
         "service-redis-a",
     }
