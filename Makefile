@@ -50,7 +50,7 @@ GRPCIO_VERSIONS ?= 1.49.1 1.51.3 1.53.2 1.54.3 1.60.2 1.62.3 1.70.0 1.78.0 1.85.
 bench-grpc-floor:
 	scripts/grpc-floor-versions.sh $(GRPCIO_VERSIONS)
 
-## micro: a webhook's own work, in-process (python -m bench.micro; about ten seconds)
+## micro: a webhook's own work, in-process (python -m bench.micro; about half a minute)
 micro: $(STUBS)
 	$(BIN)/python -m bench.micro
 
