@@ -121,26 +121,21 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         assert warm_up is not None
         await warm_up()  # every idle stream replays one message: its first item
         idle = []
+
+        async def baseline_idle(proc: Proc, ports: dict[str, Any], count: int) -> dict[str, Any]:
+            # A baseline server knows no handoffs: any ids do.
+            target = f"127.0.0.1:{ports['grpc_port']}"
+            ids = [f"idle-{n}" for n in range(10)]
+            return await idle_streams(proc, target, ids, count, log_dir)
+
         for count in sizes.idle_counts:
             ours_idle = await idle_streams(svc, svc.grpc_target, idle_ids, count, log_dir)
-            base_idle = await idle_streams(
-                bare,
-                f"127.0.0.1:{bare_ports['grpc_port']}",
-                [f"idle-{n}" for n in range(10)],
-                count,
-                log_dir,
-            )
+            base_idle = await baseline_idle(bare, bare_ports, count)
             # A new floor for each count: what its streams cost a process that has kept
             # nothing from any before them.
             floor, floor_ports = await start_json_server(f"floor-{count}", log_dir, "floor")
             try:
-                floor_idle = await idle_streams(
-                    floor,
-                    f"127.0.0.1:{floor_ports['grpc_port']}",
-                    [f"idle-{n}" for n in range(10)],
-                    count,
-                    log_dir,
-                )
+                floor_idle = await baseline_idle(floor, floor_ports, count)
             finally:
                 await floor.stop()
             idle.append(
