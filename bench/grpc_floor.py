@@ -12,9 +12,9 @@ any release of grpcio can be measured with it (``make bench-grpc-floor``):
   opens N streams (100 a connection), and prints one JSON line: the grpcio version, the
   streams open and the server's resident memory per stream, over none;
 - ``python bench/grpc_floor.py serve``: the server alone; prints ``{"grpc_port": ...}``,
-  serves until SIGTERM;
+  serves until killed;
 - ``python bench/grpc_floor.py client PORT N CHANNELS``: opens the streams, prints
-  ``{"opened": n}`` once each had its first item, and holds them until standard input ends.
+  ``{"opened": n}`` once each had its first item, and holds them until killed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -67,12 +66,7 @@ async def _serve() -> None:
     port = floor.add_insecure_port("127.0.0.1:0")
     await floor.start()
     print(json.dumps({"grpc_port": port}), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await floor.stop(None)
+    await asyncio.Event().wait()  # until killed: measure() takes its figure first
 
 
 async def _client(port: int, streams: int, channels: int) -> None:
@@ -91,11 +85,7 @@ async def _client(port: int, streams: int, channels: int) -> None:
 
     firsts = await asyncio.gather(*(first(call) for call in calls))
     print(json.dumps({"opened": sum(firsts)}), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    for call in calls:
-        call.cancel()
-    for channel in opened:
-        await channel.close()
+    await asyncio.Event().wait()  # the streams held until killed
 
 
 def _rss(pid: int) -> int:
@@ -118,7 +108,6 @@ def measure(streams: int) -> dict[str, Any]:
         channels = max(1, streams // 100)
         client = subprocess.Popen(  # noqa: S603 (this file, with numbers)
             [*me, "client", str(port), str(streams), str(channels)],
-            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -131,7 +120,7 @@ def measure(streams: int) -> dict[str, Any]:
             time.sleep(1.0)
             with_streams = _rss(serving.pid)
         finally:
-            client.kill()  # the measure is taken: no need to close the streams one by one
+            client.kill()  # the measure is taken: the streams need no closing one by one
             client.wait(30)
     finally:
         serving.kill()  # likewise: a graceful stop would cancel each call, noisily
