@@ -265,6 +265,12 @@ def test_commands_are_packed_by_hiredis_exactly_as_redis_py_packs_them() -> None
         assert b"".join(ours.pack_commands([command, command])) == b"".join(
             theirs.pack_commands([command, command])
         )
+    # What the store sends in its own pipelines (see _Batches), packed by hiredis directly.
+    own: list[tuple[str | int, ...]] = [
+        ("EVALSHA", "a" * 40, 2, "{h}:h:ho_1", "{h}:seen:ho_1", "m1", 17, -3, 10**30, ""),
+        ("EVALSHA", "b" * 40, 1, "ключ", "значение ✓", "x" * 100_000),
+    ]
+    assert redis_store._packed(own) == b"".join(theirs.pack_commands(own))
     for wrong in (object(), True):
         with pytest.raises(DataError):
             ours.pack_command("SET", "k", cast(Any, wrong))

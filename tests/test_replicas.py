@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis_server import RedisServer
 from service_process import ServiceProcess, finish, start_service_process
@@ -53,12 +54,26 @@ class Cluster:
     b: Replica
     sandbox: BrevoSandbox
     http: httpx.AsyncClient
+    redis: RedisServer
+
+    def scripts_run(self, reset: bool = False) -> int:
+        """How many Lua scripts Redis has run (EVALSHA) since its statistics were reset; not
+        counted: those refused for a script not loaded yet (a replica then loads it)."""
+        client = redis.Redis(port=self.redis.port, password=REDIS_PASSWORD, socket_timeout=5)
+        try:
+            stats = client.info("commandstats").get("cmdstat_evalsha", {})
+            calls = int(stats.get("calls", 0)) - int(stats.get("failed_calls", 0))
+            if reset:
+                client.config_resetstat()
+            return calls
+        finally:
+            client.close()
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    redis = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD)
-    redis.start()
+    server = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD)
+    server.start()
     sandbox = BrevoSandbox(api_key=API_KEY, auto_agent=False)
     brevo: RunningHttpServer = await start_http_server(sandbox.app, "127.0.0.1", 0)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BREVO_", "HANDOFF_"))}
@@ -67,7 +82,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         BREVO_BASE_URL=f"{brevo.base_url}/v3",
         BREVO_AGENT_ID=SERVICE_AGENT_ID,
         WEBHOOK_TOKEN=TOKEN,
-        REDIS_URL=redis.url,
+        REDIS_URL=server.url,
         HANDOFF_HOST="127.0.0.1",
         HANDOFF_HEARTBEAT_SECONDS="0.5",
         HANDOFF_LOG_LEVEL="DEBUG",
@@ -78,14 +93,14 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     try:
         replicas += await asyncio.gather(start_replica("A", env), start_replica("B", env))
         sandbox.set_webhook_url(replicas[0].webhook_url)
-        yield Cluster(replicas[0], replicas[1], sandbox, http)
+        yield Cluster(replicas[0], replicas[1], sandbox, http, server)
     finally:
         for replica in replicas:
             await stop_replica(replica)
         await http.aclose()
         await sandbox.aclose()
         await brevo.stop(1)
-        redis.stop()
+        server.stop()
     for replica in replicas:
         for secret in (API_KEY, TOKEN, REDIS_PASSWORD):
             assert secret not in replica.log, f"{replica.name} logged a secret"
@@ -228,6 +243,49 @@ async def test_the_same_fragment_posted_to_both_replicas_at_once_counts_once(
         assert all_summaries(events) == [
             ("joined", MARTA, ""),
             *[("message", f"dup-{i}", MARTA, "", f"text {i}") for i in range(20)],
+        ]
+
+
+async def test_webhooks_taking_turns_between_replicas_each_cost_redis_one_script(
+    cluster: Cluster,
+) -> None:
+    """Each replica plans a webhook on its own last copy of the handoff first. Taking turns,
+    that copy is behind whenever the other replica committed since; Redis refuses the plan
+    and answers with what it holds, in the same script, and the plan is made again on that.
+    Each fragment is posted to one replica, then again to the other (as Brevo retries):
+    every message is stored once, every retry is a duplicate, and each webhook costs one
+    script, whether its replica's copy was current or behind."""
+    a, b, http = cluster.a, cluster.b, cluster.http
+    handoff = (
+        await a.stub.StartHandoff(pb.StartHandoffRequest(conversation_id="conv-turns"))
+    ).handoff
+    await cluster.sandbox.wait_idle()  # the echo of the opening message names Brevo's chat
+    chat = (await a.stub.GetHandoff(pb.GetHandoffRequest(handoff_id=handoff.id))).handoff
+    cluster.scripts_run(reset=True)
+    answers = []
+    for i in range(10):
+        body = agent_fragment(
+            handoff.visitor_id, f"turn-{i}", f"text {i}", i, chat.brevo_conversation_id
+        )
+        first, then = (a, b) if i % 2 == 0 else (b, a)
+        stored = await http.post(first.webhook_url, json=body)
+        retried = await http.post(then.webhook_url, json=body)
+        answers.append((stored.status_code, stored.json(), retried.status_code, retried.json()))
+    assert answers == [
+        (
+            200,
+            {"outcome": "stored", "events": 2 if i == 0 else 1},  # 0: the agent joins too
+            200,
+            {"outcome": "duplicate", "events": 0},
+        )
+        for i in range(10)
+    ]
+    assert cluster.scripts_run() == 20
+    for replica in (a, b):
+        events = await read_until_idle(replica.stub, handoff.id)
+        assert all_summaries(events) == [
+            ("joined", MARTA, ""),
+            *[("message", f"turn-{i}", MARTA, "", f"text {i}") for i in range(10)],
         ]
 
 

@@ -151,6 +151,64 @@ async def test_what_a_webhook_reads(opener: Opener) -> None:
     assert (seen, sent) == (set(many[::7]), set(many[3::500]))
 
 
+async def test_a_webhook_planned_on_the_last_known_record_commits_only_if_it_still_holds(
+    opener: Opener,
+) -> None:
+    """``last_known`` is the record as this process last read or wrote it; ``commit_if_new``
+    applies a change planned on it only while the record is at that version and none of the
+    webhook's message ids is known, and otherwise writes nothing and answers with what
+    ``read_for_webhook`` reads, to plan again on."""
+    store = await opener()
+    h, _ = await store.create_handoff(sample_handoff(1))
+    assert store.last_known("ho_1") == h
+    assert store.last_known("nope") is None
+    agent = Agent("A", "Ann")
+    active = dataclasses.replace(h, state=HandoffState.ACTIVE)
+    first = Commit(
+        active, 0, events=(NewEvent(5, AgentMessage("m1", agent, "one")),), seen_message_ids=("m1",)
+    )
+    stored = await store.commit_if_new(first, ["m1"])
+    assert isinstance(stored, list)
+    assert [(e.handoff_id, e.payload) for e in stored] == [("ho_1", first.events[0].payload)]
+    at_1 = dataclasses.replace(active, version=1)
+    assert store.last_known("ho_1") == at_1
+    # Brevo sends the same message again: refused, with the read that shows it handled.
+    again = Commit(at_1, 1, events=first.events, seen_message_ids=("m1",))
+    assert await store.commit_if_new(again, ["m1", "m2", "m1"]) == (at_1, {"m1"}, set())
+    # A message the service posted itself: refused likewise, with it among the sent.
+    await store.commit(Commit(at_1, 1, sent_message_ids=("s1",)))
+    at_2 = dataclasses.replace(active, version=2)
+    echo = Commit(at_2, 2, events=(NewEvent(6, AgentMessage("s1", agent, "mine")),))
+    assert await store.commit_if_new(echo, ["s1"]) == (at_2, set(), {"s1"})
+    # Planned on a version since moved on (another process committed): refused, with the
+    # record as it is now; a webhook without message ids too.
+    behind = Commit(at_1, 1, events=(NewEvent(7, AgentMessage("m3", agent, "three")),))
+    assert await store.commit_if_new(behind, ["m3", "m1"]) == (at_2, {"m1"}, set())
+    assert await store.commit_if_new(dataclasses.replace(behind, events=()), []) == (
+        at_2,
+        set(),
+        set(),
+    )
+    # None of the refusals wrote anything.
+    assert await store.read_events("ho_1", 0, 100) == stored
+    assert await store.get_handoff("ho_1") == at_2
+    # A handoff that does not exist (expired from Redis since it was routed).
+    ghost = sample_handoff(9)
+    assert await store.commit_if_new(Commit(ghost, 0), ["m1"]) == (None, set(), set())
+    # Planned on what is current, with new ids: applied, like ``commit``.
+    fresh = Commit(at_2, 2, events=(NewEvent(8, AgentMessage("m4", agent, "four")),))
+    applied = await store.commit_if_new(fresh, ["m4"])
+    assert isinstance(applied, list)
+    assert [e.payload for e in applied] == [fresh.events[0].payload]
+    assert store.last_known("ho_1") == dataclasses.replace(active, version=3)
+    # Another process (a fresh store on the same data) has read nothing yet.
+    await store.close()
+    reopened = await opener()
+    assert reopened.last_known("ho_1") is None
+    assert await reopened.get_handoff("ho_1") == dataclasses.replace(active, version=3)
+    assert reopened.last_known("ho_1") == dataclasses.replace(active, version=3)
+
+
 async def test_commit_is_atomic_and_versioned(opener: Opener) -> None:
     store = await opener()
     h, _ = await store.create_handoff(sample_handoff(1))

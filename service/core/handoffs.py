@@ -31,6 +31,7 @@ from service.core.models import (
     NewEvent,
     StoredEvent,
     User,
+    WebhookRead,
     decode_cursor,
 )
 from service.core.outbound import opening_parts, user_message_text
@@ -453,9 +454,19 @@ class HandoffManager:
         bind_handoff(handoff_id)
         message_ids = [m.id for m in event.messages]
         async with self._locks.hold(f"inbound:{handoff_id}"):
+            # Planned first on the handoff as this process last knew it, its messages taken
+            # as new: the store commits that plan only if both still hold, and otherwise
+            # answers with what it holds, to plan again on. The usual webhook then costs a
+            # shared backend one round trip, where reading first took two.
+            guess = self._store.last_known(handoff_id)
+            read: WebhookRead | None = None
             for _ in range(COMMIT_ATTEMPTS):
-                # The record and the message ids in one read (one round trip to Redis).
-                current, seen, sent = await self._store.read_for_webhook(handoff_id, message_ids)
+                if read is None and guess is None:
+                    read = await self._store.read_for_webhook(handoff_id, message_ids)
+                if read is not None:
+                    current, seen, sent = read
+                else:
+                    current, seen, sent = guess, set(), set()
                 if current is None:  # gone since it was routed (expired from Redis)
                     self.stats["webhooks_unknown_visitor"] += 1
                     return WebhookOutcome("unknown_visitor", event_name=event.event_name)
@@ -470,19 +481,30 @@ class HandoffManager:
                     reorder_window_ms=self._reorder_window_ms,
                 )
                 if not plan.changes_anything and plan.handoff == current:
+                    if read is None:  # planned on a guess: the store has the last word
+                        guess = None
+                        continue
                     self._count_dropped(plan.dropped)
                     self.stats["webhooks_duplicate"] += 1
                     return WebhookOutcome("duplicate", 0, current.id, event.event_name)
+                commit = Commit(
+                    plan.handoff,
+                    current.version,
+                    events=plan.events,
+                    seen_message_ids=plan.seen_message_ids,
+                )
                 try:
-                    stored = await self._store.commit(
-                        Commit(
-                            plan.handoff,
-                            current.version,
-                            events=plan.events,
-                            seen_message_ids=plan.seen_message_ids,
-                        )
-                    )
+                    if read is None:
+                        guess = None  # one guess only
+                        outcome = await self._store.commit_if_new(commit, message_ids)
+                        if isinstance(outcome, WebhookRead):
+                            read = outcome
+                            continue
+                        stored = outcome
+                    else:
+                        stored = await self._store.commit(commit)
                 except errors.ConcurrentUpdate:
+                    read = guess = None
                     continue
                 self._count_dropped(plan.dropped)
                 self._schedule_release(plan.handoff)

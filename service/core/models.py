@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import field
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 from service.core.immutable import immutable
 
@@ -258,3 +258,13 @@ class Commit:
     seen_message_ids: tuple[str, ...] = ()
     sent_message_ids: tuple[str, ...] = ()
     client_message: tuple[str, str] | None = None  # (client_message_id, brevo_message_id)
+
+
+class WebhookRead(NamedTuple):
+    """What a webhook is planned on: its handoff (None when there is none, and then no
+    ids), which of the webhook's message ids were already handled (emitted or dropped) for
+    it, and which are messages the service itself posted."""
+
+    handoff: Handoff | None
+    seen: set[str]
+    sent: set[str]

@@ -7,7 +7,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from service.core.errors import HandoffError
-from service.core.models import Commit, Handoff, SentMessage, StoredEvent
+from service.core.models import Commit, Handoff, SentMessage, StoredEvent, WebhookRead
 
 EventListener = Callable[[Sequence[StoredEvent]], None]
 InterruptListener = Callable[[HandoffError], None]
@@ -72,12 +72,26 @@ class HandoffStore(Protocol):
         """Applies the change atomically; raises ConcurrentUpdate on a version mismatch."""
         ...
 
-    async def read_for_webhook(
-        self, handoff_id: str, message_ids: Sequence[str]
-    ) -> tuple[Handoff | None, set[str], set[str]]:
-        """Everything a webhook needs before it is planned, in one read: the handoff (None
-        when there is none, and then no ids), which of ``message_ids`` were already handled
-        (emitted or dropped) for it, and which are messages the service itself posted."""
+    async def read_for_webhook(self, handoff_id: str, message_ids: Sequence[str]) -> WebhookRead:
+        """Everything a webhook needs before it is planned, in one read: the handoff and
+        which of ``message_ids`` were handled or sent for it (see WebhookRead)."""
+        ...
+
+    def last_known(self, handoff_id: str) -> Handoff | None:
+        """The handoff as this process last read or wrote it, if it still holds it, without
+        asking the backend: another process may have changed it since. Only for planning a
+        change that ``commit_if_new`` then applies."""
+        ...
+
+    async def commit_if_new(
+        self, commit: Commit, message_ids: Sequence[str]
+    ) -> list[StoredEvent] | WebhookRead:
+        """Applies ``commit`` (as ``commit`` does) only if the handoff is still at its
+        expected version and none of ``message_ids`` was handled or sent for it: what a
+        webhook planned on ``last_known`` assumed. Otherwise writes nothing and returns what
+        ``read_for_webhook(handoff id, message_ids)`` reads now, to plan again on; a
+        backend for which that read is a round trip answers with it in the same one. May
+        still raise ConcurrentUpdate (the version moved after it was checked)."""
         ...
 
     async def client_message(self, handoff_id: str, client_message_id: str) -> str | None:

@@ -25,28 +25,36 @@ end
 return ARGV[1]
 """
 
-# What a webhook reads, in one command: a pipeline of three cost a quarter of a webhook's
-# CPU on Redis in a py-spy profile under make bench's load. Read-only.
-# KEYS: 1 handoff hash, 2 seen-ids set, 3 sent-ids set. ARGV: the message ids (unique).
-# Returns {record or nil} when there is no record or no id, else {record, seen, sent}:
-# one 0/1 flag per id in each.
-READ_FOR_WEBHOOK = """
-local record = redis.call('HGET', KEYS[1], 'rec')
-if not record or #ARGV == 0 then
-  return {record}
-end
-local function flags(key)
+# Which of ARGV[first..last] are members of the set ``key``: one 0/1 flag each, asked in
+# chunks (unpack takes a few thousand values at most).
+_FLAGS = """
+local function flags(key, first, last)
   local found = {}
-  for first = 1, #ARGV, 1000 do
-    local part = redis.call('SMISMEMBER', key, unpack(ARGV, first, math.min(first + 999, #ARGV)))
+  for from = first, last, 1000 do
+    local part = redis.call('SMISMEMBER', key, unpack(ARGV, from, math.min(from + 999, last)))
     for _, flag in ipairs(part) do
       found[#found + 1] = flag
     end
   end
   return found
 end
-return {record, flags(KEYS[2]), flags(KEYS[3])}
 """
+
+# What a webhook reads, in one command: a pipeline of three cost a quarter of a webhook's
+# CPU on Redis in a py-spy profile under make bench's load. Read-only.
+# KEYS: 1 handoff hash, 2 seen-ids set, 3 sent-ids set. ARGV: the message ids (unique).
+# Returns {record or nil} when there is no record or no id, else {record, seen, sent}:
+# one 0/1 flag per id in each.
+READ_FOR_WEBHOOK = (
+    _FLAGS
+    + """
+local record = redis.call('HGET', KEYS[1], 'rec')
+if not record or #ARGV == 0 then
+  return {record}
+end
+return {record, flags(KEYS[2], 1, #ARGV), flags(KEYS[3], 1, #ARGV)}
+"""
+)
 
 # Removes a conversation's pointer to a handoff that no longer exists (expired record).
 # KEYS: 1 conversation key. ARGV: 1 the stale handoff id.
@@ -64,7 +72,9 @@ return 0
 #       6 created_at_ms, 7 Brevo conversation id ('' = none), 8 commit token,
 #       9 retention ms, 10 handoff stream MAXLEN, 11 all-events MAXLEN, 12 conversation id,
 #       13 when its next held message is due ('' = none held),
-#       14 number of events, then (occurred_at_ms, received_at_ms, payload JSON) per event,
+#       14 number of events, 15 '1' when a refusal answers with what a webhook reads,
+#       16 number of message ids that must be new (neither seen nor sent), then those ids,
+#       then (occurred_at_ms, received_at_ms, payload JSON) per event,
 #       then the number of seen ids and the ids, the number of sent ids and the ids,
 #       then client_message_id and brevo_message_id ('' '' = none).
 # Each entry has fields h (handoff id), c (conversation id), t (occurred_at_ms),
@@ -72,23 +82,43 @@ return 0
 # so that a reader can tell whether MAXLEN trimmed events it had not read (a handoff's
 # positions are not contiguous).
 # Returns {'ok', seqs} or {'done', seqs} (this commit token already applied: a resent
-# command after a lost reply), {'conflict'} or {'missing'}; seqs is "1,2,3".
-COMMIT = """
+# command after a lost reply), {'missing'}, and when the version moved or one of the ids
+# is known: {'conflict'}, or with ARGV[15] '1' {'stale', record, seen, sent} (one 0/1 flag
+# per id in each, as READ_FOR_WEBHOOK answers). seqs is "1,2,3".
+COMMIT = (
+    _FLAGS
+    + """
 local version = redis.call('HGET', KEYS[1], 'v')
 if not version then
   return {'missing'}
 end
+local checked = tonumber(ARGV[16])
 if version ~= ARGV[1] then
   if redis.call('HGET', KEYS[1], 'lc') == ARGV[8] then
     return {'done', redis.call('HGET', KEYS[1], 'ls')}
   end
+  if ARGV[15] == '1' then
+    return {'stale', redis.call('HGET', KEYS[1], 'rec'),
+      flags(KEYS[6], 17, 16 + checked), flags(KEYS[7], 17, 16 + checked)}
+  end
   return {'conflict'}
+end
+if checked > 0 then
+  local seen, sent = flags(KEYS[6], 17, 16 + checked), flags(KEYS[7], 17, 16 + checked)
+  for k = 1, checked do
+    if seen[k] == 1 or sent[k] == 1 then
+      if ARGV[15] == '1' then
+        return {'stale', redis.call('HGET', KEYS[1], 'rec'), seen, sent}
+      end
+      return {'conflict'}
+    end
+  end
 end
 local id = ARGV[5]
 local ttl = ARGV[9]
 local seqs = {}
 local previous = redis.call('HGET', KEYS[1], 'last') or '0'
-local i = 15
+local i = 17 + checked
 for _ = 1, tonumber(ARGV[14]) do
   local seq = string.format('%d', redis.call('INCR', KEYS[11]))
   local entry = '0-' .. seq
@@ -148,6 +178,7 @@ for _, key in ipairs({KEYS[1], KEYS[3], KEYS[6], KEYS[7], KEYS[8], KEYS[9]}) do
 end
 return {'ok', applied}
 """
+)
 
 # Leases (see redis_locks). KEYS: 1 lock key. ARGV: 1 owner token, 2 lease ms (RENEW).
 RENEW_LOCK = """

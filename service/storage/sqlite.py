@@ -42,7 +42,14 @@ from service.core.codec import (
     payload_to_json,
 )
 from service.core.errors import ConcurrentUpdate, StoreUnavailable
-from service.core.models import AgentMessage, Commit, Handoff, HandoffState, StoredEvent
+from service.core.models import (
+    AgentMessage,
+    Commit,
+    Handoff,
+    HandoffState,
+    StoredEvent,
+    WebhookRead,
+)
 from service.core.ports import EventListener, InterruptListener, WantsHandoff
 
 T = TypeVar("T")
@@ -864,12 +871,10 @@ class SqliteStore:
                 (sent if table else seen).add(message_id)
         return seen, sent
 
-    async def read_for_webhook(
-        self, handoff_id: str, message_ids: Sequence[str]
-    ) -> tuple[Handoff | None, set[str], set[str]]:
+    async def read_for_webhook(self, handoff_id: str, message_ids: Sequence[str]) -> WebhookRead:
         handoff = await self.get_handoff(handoff_id)
         if handoff is None:
-            return None, set(), set()
+            return WebhookRead(None, set(), set())
         if handoff_id in self._ids:
             cached = self._ids[handoff_id]
             self._ids.move_to_end(handoff_id)
@@ -881,13 +886,32 @@ class SqliteStore:
             cached = None
         if cached is not None:
             seen_ids, sent_ids = cached
-            return (
+            return WebhookRead(
                 handoff,
                 {i for i in message_ids if i in seen_ids},
                 {i for i in message_ids if i in sent_ids},
             )
         seen, sent = await self._run(lambda: self._known(handoff_id, message_ids))
-        return handoff, seen, sent
+        return WebhookRead(handoff, seen, sent)
+
+    def last_known(self, handoff_id: str) -> Handoff | None:
+        """The remembered record: the file's own (this process is its only writer)."""
+        return self._cached(handoff_id)
+
+    async def commit_if_new(
+        self, commit: Commit, message_ids: Sequence[str]
+    ) -> list[StoredEvent] | WebhookRead:
+        """The read costs no round trip here (records and ids are in memory, mostly): it
+        is made first, and the commit's own version check covers what may commit between."""
+        read = await self.read_for_webhook(commit.handoff.id, message_ids)
+        if (
+            read.handoff is None
+            or read.handoff.version != commit.expected_version
+            or read.seen
+            or read.sent
+        ):
+            return read
+        return await self.commit(commit)
 
     async def client_message(self, handoff_id: str, client_message_id: str) -> str | None:
         def lookup() -> str | None:
