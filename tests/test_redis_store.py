@@ -135,6 +135,31 @@ async def test_the_feed_hands_over_only_the_handoffs_followed_here(
     assert interruptions == []
 
 
+async def test_a_replica_remembers_the_handoffs_it_used_last_within_its_budget(
+    stores: list[RedisStore], settings: RedisSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``last_known`` holds up to RECORDS_CACHED handoffs, the least recently read or written
+    forgotten first; a forgotten one is read again (``read_for_webhook``) when next used."""
+    monkeypatch.setattr(redis_store, "RECORDS_CACHED", 2)
+    store = await open_store(stores, settings)
+    for n in (1, 2, 3):
+        await store.create_handoff(sample_handoff(n))
+    assert [store.last_known(f"ho_{n}") for n in (1, 2, 3)] == [
+        None,
+        sample_handoff(2),
+        sample_handoff(3),
+    ]
+    read, _, _ = await store.read_for_webhook("ho_1", ["m1"])
+    assert read == sample_handoff(1)
+    assert [store.last_known(f"ho_{n}") is not None for n in (1, 2, 3)] == [True, False, True]
+    ended = dataclasses.replace(
+        sample_handoff(3), state=HandoffState.ENDED, end_reason=EndReason.TIMED_OUT
+    )
+    await store.commit(Commit(ended, 0))
+    assert store.last_known("ho_3") == dataclasses.replace(ended, version=1)
+    assert store.last_known("ho_1") == sample_handoff(1)
+
+
 async def test_a_resent_commit_applies_once(settings: RedisSettings) -> None:
     """A commit whose reply was lost is sent again with the same token: nothing doubles."""
     store = await RedisStore.open(settings, make_token=lambda: "same-token")
