@@ -151,6 +151,18 @@ async def agent_ends_and_client_resumes_on(
     ]
 
 
+async def start_with_chat(cluster: Cluster, conversation_id: str) -> tuple[pb.Handoff, str]:
+    """A handoff started on replica A, and the Brevo chat its opening message went to (the
+    fragments a test posts name it, as Brevo's do)."""
+    handoff = (
+        await cluster.a.stub.StartHandoff(pb.StartHandoffRequest(conversation_id=conversation_id))
+    ).handoff
+    await cluster.sandbox.wait_idle()  # the echo of the opening message names Brevo's chat
+    got = await cluster.a.stub.GetHandoff(pb.GetHandoffRequest(handoff_id=handoff.id))
+    assert got.handoff.brevo_conversation_id
+    return handoff, got.handoff.brevo_conversation_id
+
+
 async def read_until_cut(call: Any) -> None:
     """Reads heartbeats until the stream ends with an error (which it raises)."""
     while True:
@@ -222,16 +234,9 @@ async def test_the_same_fragment_posted_to_both_replicas_at_once_counts_once(
     cluster: Cluster,
 ) -> None:
     a, b, http = cluster.a, cluster.b, cluster.http
-    handoff = (
-        await a.stub.StartHandoff(pb.StartHandoffRequest(conversation_id="conv-dup"))
-    ).handoff
-    await cluster.sandbox.wait_idle()  # the echo of the opening message names Brevo's chat
-    chat = (await a.stub.GetHandoff(pb.GetHandoffRequest(handoff_id=handoff.id))).handoff
-    assert chat.brevo_conversation_id
+    handoff, chat = await start_with_chat(cluster, "conv-dup")
     for i in range(20):
-        body = agent_fragment(
-            handoff.visitor_id, f"dup-{i}", f"text {i}", i, chat.brevo_conversation_id
-        )
+        body = agent_fragment(handoff.visitor_id, f"dup-{i}", f"text {i}", i, chat)
         answers = await asyncio.gather(
             http.post(a.webhook_url, json=body), http.post(b.webhook_url, json=body)
         )
@@ -256,17 +261,11 @@ async def test_webhooks_taking_turns_between_replicas_each_cost_redis_one_script
     every message is stored once, every retry is a duplicate, and each webhook costs one
     script, whether its replica's copy was current or behind."""
     a, b, http = cluster.a, cluster.b, cluster.http
-    handoff = (
-        await a.stub.StartHandoff(pb.StartHandoffRequest(conversation_id="conv-turns"))
-    ).handoff
-    await cluster.sandbox.wait_idle()  # the echo of the opening message names Brevo's chat
-    chat = (await a.stub.GetHandoff(pb.GetHandoffRequest(handoff_id=handoff.id))).handoff
+    handoff, chat = await start_with_chat(cluster, "conv-turns")
     cluster.scripts_run(reset=True)
     answers = []
     for i in range(10):
-        body = agent_fragment(
-            handoff.visitor_id, f"turn-{i}", f"text {i}", i, chat.brevo_conversation_id
-        )
+        body = agent_fragment(handoff.visitor_id, f"turn-{i}", f"text {i}", i, chat)
         first, then = (a, b) if i % 2 == 0 else (b, a)
         stored = await http.post(first.webhook_url, json=body)
         retried = await http.post(then.webhook_url, json=body)
