@@ -251,40 +251,46 @@ async def test_the_same_fragment_posted_to_both_replicas_at_once_counts_once(
         ]
 
 
-async def test_webhooks_taking_turns_between_replicas_each_cost_redis_one_script(
+async def test_a_webhook_costs_one_script_unless_its_replica_must_plan_it_again(
     cluster: Cluster,
 ) -> None:
-    """Each replica plans a webhook on its own last copy of the handoff first. Taking turns,
-    that copy is behind whenever the other replica committed since; Redis refuses the plan
-    and answers with what it holds, in the same script, and the plan is made again on that.
-    Each fragment is posted to one replica, then again to the other (as Brevo retries):
-    every message is stored once, every retry is a duplicate, and each webhook costs one
-    script, whether its replica's copy was current or behind."""
+    """Each replica plans a webhook on its own last copy of the handoff first. That copy is
+    behind whenever the other replica committed since: Redis refuses the plan and answers
+    with what it holds, in the same script, and the plan is made again on that. Each
+    fragment here goes to one replica, then again to the other (as Brevo retries): every
+    message is stored once and every retry is a duplicate, each for one script (a stored one
+    finds its replica's copy current, as that replica read the handoff last; a retry finds
+    the other's behind, and the refusal itself shows its message known). A new message on a
+    replica whose copy is behind costs two: the refusal, then the commit."""
     a, b, http = cluster.a, cluster.b, cluster.http
     handoff, chat = await start_with_chat(cluster, "conv-turns")
-    cluster.scripts_run(reset=True)
+
+    async def post(replica: Replica, n: int) -> tuple[int, object, int]:
+        """Posts message ``n``: the status, the answer and the scripts it cost."""
+        cluster.scripts_run(reset=True)
+        body = agent_fragment(handoff.visitor_id, f"turn-{n}", f"text {n}", n, chat)
+        answer = await http.post(replica.webhook_url, json=body)
+        return answer.status_code, answer.json(), cluster.scripts_run()
+
     answers = []
     for i in range(10):
-        body = agent_fragment(handoff.visitor_id, f"turn-{i}", f"text {i}", i, chat)
         first, then = (a, b) if i % 2 == 0 else (b, a)
-        stored = await http.post(first.webhook_url, json=body)
-        retried = await http.post(then.webhook_url, json=body)
-        answers.append((stored.status_code, stored.json(), retried.status_code, retried.json()))
+        answers.append((await post(first, i), await post(then, i)))
     assert answers == [
         (
-            200,
-            {"outcome": "stored", "events": 2 if i == 0 else 1},  # 0: the agent joins too
-            200,
-            {"outcome": "duplicate", "events": 0},
+            (200, {"outcome": "stored", "events": 2 if i == 0 else 1}, 1),  # 0: the agent joins
+            (200, {"outcome": "duplicate", "events": 0}, 1),
         )
         for i in range(10)
     ]
-    assert cluster.scripts_run() == 20
+    # A's copy is current (its refused retry of message 9 read it), B's now falls behind.
+    assert await post(a, 10) == (200, {"outcome": "stored", "events": 1}, 1)
+    assert await post(b, 11) == (200, {"outcome": "stored", "events": 1}, 2)
     for replica in (a, b):
         events = await read_until_idle(replica.stub, handoff.id)
         assert all_summaries(events) == [
             ("joined", MARTA, ""),
-            *[("message", f"turn-{i}", MARTA, "", f"text {i}") for i in range(10)],
+            *[("message", f"turn-{i}", MARTA, "", f"text {i}") for i in range(12)],
         ]
 
 
