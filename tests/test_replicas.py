@@ -23,7 +23,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis_server import RedisServer
 from service_process import ServiceProcess, finish, start_service_process
-from support import MARTA, SERVICE_AGENT_ID, agent_fragment, all_summaries, until
+from support import MARTA, SERVICE_AGENT_ID, agent_fragment, all_summaries, fixture, until
 
 from service.brevo.sandbox import BrevoSandbox, Fault
 from service.http_server import RunningHttpServer, start_http_server
@@ -292,6 +292,34 @@ async def test_a_webhook_costs_one_script_unless_its_replica_must_plan_it_again(
             ("joined", MARTA, ""),
             *[("message", f"turn-{i}", MARTA, "", f"text {i}") for i in range(12)],
         ]
+
+
+async def test_a_webhook_that_changes_nothing_on_a_replicas_copy_is_checked_against_redis(
+    cluster: Cluster,
+) -> None:
+    """A plan made on a replica's own copy that changes nothing is not taken for a
+    duplicate: the copy may be behind. Here A last saw "no agent available" set, B then saw
+    agents come back, and the next "no agent available" on A is a change, and an event."""
+    a, b, http = cluster.a, cluster.b, cluster.http
+    handoff, chat = await start_with_chat(cluster, "conv-no-agent")
+    gone = {
+        **fixture("fragment_no_agent.json", handoff.visitor_id),
+        "conversationId": chat,
+        "messages": [],
+        "isNoAvailableAgent": True,
+    }
+    back = {**gone, "isNoAvailableAgent": False}
+    answers = [
+        (await http.post(replica.webhook_url, json=body)).json()
+        for replica, body in ((a, gone), (b, back), (a, gone))
+    ]
+    assert answers == [
+        {"outcome": "stored", "events": 1},
+        {"outcome": "stored", "events": 0},
+        {"outcome": "stored", "events": 1},
+    ]
+    events = await read_until_idle(b.stub, handoff.id)
+    assert all_summaries(events) == [("no_agent",), ("no_agent",)]
 
 
 async def test_start_handoff_on_both_replicas_at_once_opens_one_and_posts_once(

@@ -461,12 +461,14 @@ class HandoffManager:
             guess = self._store.last_known(handoff_id)
             read: WebhookRead | None = None
             for _ in range(COMMIT_ATTEMPTS):
-                if read is None and guess is None:
-                    read = await self._store.read_for_webhook(handoff_id, message_ids)
-                if read is not None:
-                    current, seen, sent = read
+                guessed = read is None and guess is not None
+                if guessed:
+                    current, seen, sent = WebhookRead(guess, set(), set())
+                    guess = None  # one guess only
                 else:
-                    current, seen, sent = guess, set(), set()
+                    if read is None:
+                        read = await self._store.read_for_webhook(handoff_id, message_ids)
+                    current, seen, sent = read
                 if current is None:  # gone since it was routed (expired from Redis)
                     self.stats["webhooks_unknown_visitor"] += 1
                     return WebhookOutcome("unknown_visitor", event_name=event.event_name)
@@ -481,8 +483,7 @@ class HandoffManager:
                     reorder_window_ms=self._reorder_window_ms,
                 )
                 if not plan.changes_anything and plan.handoff == current:
-                    if read is None:  # planned on a guess: the store has the last word
-                        guess = None
+                    if guessed:  # the store has the last word
                         continue
                     self._count_dropped(plan.dropped)
                     self.stats["webhooks_duplicate"] += 1
@@ -494,8 +495,7 @@ class HandoffManager:
                     seen_message_ids=plan.seen_message_ids,
                 )
                 try:
-                    if read is None:
-                        guess = None  # one guess only
+                    if guessed:
                         outcome = await self._store.commit_if_new(commit, message_ids)
                         if isinstance(outcome, WebhookRead):
                             read = outcome
@@ -504,7 +504,7 @@ class HandoffManager:
                     else:
                         stored = await self._store.commit(commit)
                 except errors.ConcurrentUpdate:
-                    read = guess = None
+                    read = None
                     continue
                 self._count_dropped(plan.dropped)
                 self._schedule_release(plan.handoff)

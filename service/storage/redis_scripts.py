@@ -72,9 +72,8 @@ return 0
 #       6 created_at_ms, 7 Brevo conversation id ('' = none), 8 commit token,
 #       9 retention ms, 10 handoff stream MAXLEN, 11 all-events MAXLEN, 12 conversation id,
 #       13 when its next held message is due ('' = none held),
-#       14 number of events, 15 '1' when a refusal answers with what a webhook reads,
-#       16 number of message ids that must be new (neither seen nor sent), then those ids,
-#       then (occurred_at_ms, received_at_ms, payload JSON) per event,
+#       14 number of events, 15 number of message ids that must be new (neither seen nor
+#       sent), then those ids, then (occurred_at_ms, received_at_ms, payload JSON) per event,
 #       then the number of seen ids and the ids, the number of sent ids and the ids,
 #       then client_message_id and brevo_message_id ('' '' = none).
 # Each entry has fields h (handoff id), c (conversation id), t (occurred_at_ms),
@@ -82,9 +81,9 @@ return 0
 # so that a reader can tell whether MAXLEN trimmed events it had not read (a handoff's
 # positions are not contiguous).
 # Returns {'ok', seqs} or {'done', seqs} (this commit token already applied: a resent
-# command after a lost reply), {'missing'}, and when the version moved or one of the ids
-# is known: {'conflict'}, or with ARGV[15] '1' {'stale', record, seen, sent} (one 0/1 flag
-# per id in each, as READ_FOR_WEBHOOK answers). seqs is "1,2,3".
+# command after a lost reply), {'missing'}, or, when the version moved or one of the ids is
+# known, {'stale', record, seen, sent}: what READ_FOR_WEBHOOK answers for those ids (one 0/1
+# flag per id in each), for the change to be planned again. seqs is "1,2,3".
 COMMIT = (
     _FLAGS
     + """
@@ -92,25 +91,22 @@ local version = redis.call('HGET', KEYS[1], 'v')
 if not version then
   return {'missing'}
 end
-local checked = tonumber(ARGV[16])
+local checked = tonumber(ARGV[15])
+local function stale(seen, sent)
+  return {'stale', redis.call('HGET', KEYS[1], 'rec'),
+    seen or flags(KEYS[6], 16, 15 + checked), sent or flags(KEYS[7], 16, 15 + checked)}
+end
 if version ~= ARGV[1] then
   if redis.call('HGET', KEYS[1], 'lc') == ARGV[8] then
     return {'done', redis.call('HGET', KEYS[1], 'ls')}
   end
-  if ARGV[15] == '1' then
-    return {'stale', redis.call('HGET', KEYS[1], 'rec'),
-      flags(KEYS[6], 17, 16 + checked), flags(KEYS[7], 17, 16 + checked)}
-  end
-  return {'conflict'}
+  return stale()
 end
 if checked > 0 then
-  local seen, sent = flags(KEYS[6], 17, 16 + checked), flags(KEYS[7], 17, 16 + checked)
+  local seen, sent = flags(KEYS[6], 16, 15 + checked), flags(KEYS[7], 16, 15 + checked)
   for k = 1, checked do
     if seen[k] == 1 or sent[k] == 1 then
-      if ARGV[15] == '1' then
-        return {'stale', redis.call('HGET', KEYS[1], 'rec'), seen, sent}
-      end
-      return {'conflict'}
+      return stale(seen, sent)
     end
   end
 end
@@ -118,7 +114,7 @@ local id = ARGV[5]
 local ttl = ARGV[9]
 local seqs = {}
 local previous = redis.call('HGET', KEYS[1], 'last') or '0'
-local i = 17 + checked
+local i = 16 + checked
 for _ = 1, tonumber(ARGV[14]) do
   local seq = string.format('%d', redis.call('INCR', KEYS[11]))
   local entry = '0-' .. seq

@@ -515,8 +515,9 @@ class RedisStore:
     # --- the one write path ---------------------------------------------------------------
 
     async def commit(self, commit: Commit) -> list[StoredEvent]:
-        reply = await self._run_commit(commit, None)
-        if reply[0] not in ("ok", "done"):
+        reply = await self._run_commit(commit, ())
+        if reply[0] not in ("ok", "done"):  # stale or missing
+            self._records.pop(commit.handoff.id, None)
             raise ConcurrentUpdate(f"handoff {commit.handoff.id} changed since it was read")
         return self._stored(commit, reply)
 
@@ -527,20 +528,14 @@ class RedisStore:
         the record and the ids' flags (what read_for_webhook reads)."""
         unique = list(dict.fromkeys(message_ids))
         reply = await self._run_commit(commit, unique)
-        status = reply[0]
-        if status in ("ok", "done"):
+        if reply[0] in ("ok", "done"):
             return self._stored(commit, reply)
-        if status == "missing":
-            self._records.pop(commit.handoff.id, None)
-            return WebhookRead(None, set(), set())
-        if status == "stale":
-            return self._webhook_read(commit.handoff.id, unique, reply[1:])
-        raise ConcurrentUpdate(f"handoff {commit.handoff.id} changed since it was read")
+        # {'stale', record, seen, sent} or {'missing'}: READ_FOR_WEBHOOK's answers.
+        return self._webhook_read(commit.handoff.id, unique, reply[1:])
 
-    async def _run_commit(self, commit: Commit, new_ids: list[str] | None) -> list[Any]:
-        """The COMMIT script on ``commit``; ``new_ids``: the ids that must be neither seen
-        nor sent, a refusal then answering with what a webhook reads (None: a plain
-        commit, refused with 'conflict')."""
+    async def _run_commit(self, commit: Commit, new_ids: Sequence[str]) -> list[Any]:
+        """The COMMIT script on ``commit``, refused unless the version holds and none of
+        ``new_ids`` is seen or sent (see redis_scripts.COMMIT for its answers)."""
         h = commit.handoff
         new_version = commit.expected_version + 1
         args: list[str | int] = [
@@ -559,16 +554,13 @@ class RedisStore:
             "" if h.next_release_ms is None else h.next_release_ms,
             len(commit.events),
         ]
-        if new_ids is None:
-            args += ["0", 0]
-        else:
-            args += ["1", len(new_ids), *new_ids]
+        args += [len(new_ids), *new_ids]
         for event in commit.events:
             args += [event.occurred_at_ms, event.received_at_ms, payload_to_json(event.payload)]
         args += [len(commit.seen_message_ids), *commit.seen_message_ids]
         args += [len(commit.sent_message_ids), *commit.sent_message_ids]
         args += list(commit.client_message) if commit.client_message else ["", ""]
-        reply: list[Any] = await self._call(
+        return await self._call(
             "commit a change",
             self._batched(
                 self._commit,
@@ -590,9 +582,6 @@ class RedisStore:
             ),
             bounded=True,
         )
-        if reply[0] not in ("ok", "done"):
-            self._records.pop(h.id, None)  # changed elsewhere, or gone
-        return reply
 
     def _stored(self, commit: Commit, reply: list[Any]) -> list[StoredEvent]:
         h = commit.handoff
@@ -620,8 +609,8 @@ class RedisStore:
         return self._webhook_read(handoff_id, unique, replies)
 
     def _webhook_read(self, handoff_id: str, unique: list[str], replies: list[Any]) -> WebhookRead:
-        """READ_FOR_WEBHOOK's answer (COMMIT's when stale): {record or nil} or {record,
-        seen flags, sent flags}, a flag for each of ``unique``."""
+        """READ_FOR_WEBHOOK's answer (COMMIT's refusal, its status taken off): {record or
+        nil}, nothing, or {record, seen flags, sent flags}, a flag for each of ``unique``."""
         if not replies or not replies[0]:
             self._records.pop(handoff_id, None)
             return WebhookRead(None, set(), set())
