@@ -196,11 +196,9 @@ class HandoffServicer(pb_grpc.HandoffServiceServicer):
             await context.send_initial_metadata(())
             async for item in stream:
                 if isinstance(item, Heartbeat):
-                    yield pb.StreamAgentRepliesResponse(
-                        heartbeat=pb.Heartbeat(sent_at=convert.timestamp(item.sent_at_ms))
-                    )
+                    yield convert.heartbeat_out(item.sent_at_ms)
                 else:
-                    yield pb.StreamAgentRepliesResponse(event=convert.event_out(item))
+                    yield convert.reply_out(item)
         except errors.HandoffError as exc:
             await context.abort(status_for(exc), message_for(exc))
         except Exception as exc:
