@@ -233,7 +233,8 @@ SETTINGS: tuple[Setting, ...] = (
         "HANDOFF_HEARTBEAT_SECONDS",
         "--heartbeat-seconds",
         "15",
-        "Heartbeat interval on idle reply streams.",
+        "Heartbeat interval on idle reply streams: one within every this many seconds "
+        "of idleness (after 7/8 of it at the earliest).",
     ),
     Setting(
         "HANDOFF_REORDER_WINDOW_SECONDS",

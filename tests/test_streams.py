@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.core.errors import CursorExpired, HandoffError, StoreUnavailable, StreamOverflow
-from service.core.fanout import EventHub
+from service.core.fanout import HEARTBEAT_DUE, EventHub
 from service.core.handoffs import HandoffManager, HandoffSettings, StartRequest
 from service.core.inbound import ServiceIdentity
 from service.core.models import (
@@ -96,6 +96,56 @@ async def test_a_broken_subscription_gives_what_it_holds_then_none() -> None:
     full.reset()
     hub.publish([event(3)])
     assert (full.broken, await full.next()) == (False, event(3))
+
+
+async def test_a_waiting_reader_hears_of_a_heartbeat_within_the_interval_never_early() -> None:
+    hub = EventHub(buffer_size=5, heartbeat_s=0.08)  # a sweep every 10 ms
+    readers = [hub.subscribe("h") for _ in range(50)]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    woken = await asyncio.gather(*(asyncio.wait_for(r.next(), 5) for r in readers))
+    waited = loop.time() - started
+    assert woken == [HEARTBEAT_DUE] * 50
+    # 7/8 of the interval at least, by the loop's clock the sweep reads; the upper bound
+    # only catches a sweep that never comes (a loaded machine runs timers late).
+    assert 0.07 <= waited < 1.0
+    # An event resets the wait: a reader that just took one waits the whole 7/8 again.
+    one = readers[0]
+    reader = asyncio.create_task(one.next())
+    await asyncio.sleep(0.05)
+    hub.publish([event(1)])
+    assert await reader == event(1)
+    restarted = loop.time()
+    assert await asyncio.wait_for(one.next(), 5) is HEARTBEAT_DUE
+    assert loop.time() - restarted >= 0.07
+
+
+async def test_the_sweep_stops_when_no_reader_waits_and_a_busy_reader_is_not_woken() -> None:
+    hub = EventHub(buffer_size=5, heartbeat_s=0.08)
+    waiting, busy = hub.subscribe("h"), hub.subscribe("h")
+    reader = asyncio.create_task(waiting.next())
+    await asyncio.sleep(0.2)  # several sweeps; ``busy`` never waits in them
+    assert await reader is HEARTBEAT_DUE
+    hub.publish([event(1)])
+    # The busy reader's next call gives its event, not a heartbeat it never waited for.
+    assert await busy.next() == event(1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.wait_for(busy.next(), 5) is HEARTBEAT_DUE
+    assert loop.time() - started >= 0.07  # its own wait, whole
+    assert await waiting.next() == event(1)
+    cancelled = asyncio.create_task(waiting.next())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await asyncio.sleep(0.05)  # the sweep finds nobody waiting and is not armed again
+    assert (hub._waiting, hub._sweep_timer) == (set(), None)
+
+
+def test_a_heartbeat_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="heartbeat_s must be positive"):
+        EventHub(buffer_size=1, heartbeat_s=0)
 
 
 def test_the_hub_wants_the_handoffs_it_has_subscriptions_for() -> None:

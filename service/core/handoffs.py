@@ -13,7 +13,7 @@ from dataclasses import field
 
 from service.core import errors
 from service.core.brevo_payloads import KNOWN_EVENTS, WebhookEvent, parse_webhook
-from service.core.fanout import EventHub
+from service.core.fanout import HEARTBEAT_DUE, EventHub
 from service.core.immutable import immutable
 from service.core.inbound import ServiceIdentity, plan_inbound
 from service.core.locks import KeyedLocks
@@ -125,7 +125,7 @@ class HandoffManager:
         self.settings = settings
         self._now = clock_ms
         self._make_id = make_id
-        self._hub = EventHub(settings.stream_buffer)
+        self._hub = EventHub(settings.stream_buffer, settings.heartbeat_s)
         # In-process locks only spare needless store conflicts; correctness across processes
         # comes from the store's versioned commits and from ``_exclusive`` around Brevo posts.
         self._locks = KeyedLocks()
@@ -608,12 +608,8 @@ class HandoffManager:
                         f"this stream fell more than {self.settings.stream_buffer} events "
                         "behind; reconnect with after_cursor set to the last cursor received"
                     )
-                try:
-                    # asyncio.timeout, not wait_for: wait_for wraps the get in a task of
-                    # its own, for every event of every stream.
-                    async with asyncio.timeout(self.settings.heartbeat_s):
-                        live = await sub.next()
-                except TimeoutError:
+                live = await sub.next()
+                if live is HEARTBEAT_DUE:  # waited about heartbeat_s (see EventHub)
                     yield Heartbeat(self._now())
                     continue
                 if live is None or live.seq <= last:
