@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,10 +22,37 @@ REPO = Path(__file__).resolve().parents[1]
 WEBHOOK_TOKEN = "bench-webhook-token-0123456789abcdef"  # noqa: S105 (a benchmark's own)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free right now, for a process that must be told its port.
+
+    Below the kernel's ephemeral range: a port the kernel picked for ``bind(0)`` is one it
+    also gives the outgoing connections of every process, and one of them took such a
+    port between this call and the service's bind (a 'cannot listen for webhooks ...
+    Address already in use' in make test, 2026-12-02). Never the same port twice in a run.
+    """
+    low = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randrange(10_000, max(low, 10_001))
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port found between 10000 and {low}")
 
 
 def rss_bytes(pid: int) -> int:

@@ -6,7 +6,6 @@ import asyncio
 import copy
 import inspect
 import json
-import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import httpx
 from log_audit import AUDIT
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from bench.processes import free_port as free_port  # tests pick ports as the bench does
 from service.app import RunningService, start_service
 from service.brevo.client import RetryPolicy
 from service.brevo.sandbox import BrevoSandbox
@@ -235,10 +235,3 @@ async def until(
                 await asyncio.sleep(0.005)
     except TimeoutError:
         raise AssertionError(f"still not true after {timeout_s} s: {what}") from None
-
-
-def free_port() -> int:
-    """A loopback port free right now, for a process that must be told its port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

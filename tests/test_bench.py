@@ -5,6 +5,7 @@ against real processes, lost nothing, and wrote its three outputs."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import grpc
 import pytest
 from log_audit import audit_output
 
-from bench import grpc_floor
+from bench import grpc_floor, processes
 from bench.processes import WEBHOOK_TOKEN
 from bench.servers import STANDIN_API_KEY
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
@@ -118,3 +119,14 @@ def test_the_floor_measures_a_new_server_s_memory_per_open_stream() -> None:
     assert (figures["requested"], figures["streams"]) == (200, 200)
     assert figures["rss_with_streams_mib"] > figures["rss_before_mib"] > 0
     assert figures["kib_per_stream"] > 0
+
+
+def test_ports_handed_to_processes_lie_below_the_ephemeral_range_and_never_repeat() -> None:
+    """An ephemeral port (what bind(0) gives) can be taken by any process's outgoing
+    connection before the process told to listen on it binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [processes.free_port() for _ in range(200)]
+    assert len(set(ports)) == 200
+    assert all(10_000 <= port < low for port in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))  # free when handed out, and still
