@@ -150,17 +150,8 @@ def reply_out(e: StoredEvent) -> pb.StreamAgentRepliesResponse:
             _set_agent(message.agent, payload.agent)
             message.text = payload.text
             message.html = payload.html
-            for a in payload.attachments:
-                message.attachments.add(
-                    url=a.url,
-                    name=a.name,
-                    mime_type=a.mime_type,
-                    kind=_KIND_TO_PB[a.kind],
-                    size_bytes=a.size_bytes,
-                    width=a.width,
-                    height=a.height,
-                    preview_url=a.preview_url,
-                )
+            if payload.attachments:  # few messages have any: copied in, as built
+                message.attachments.extend([attachment_out(a) for a in payload.attachments])
         case AgentJoined():
             _set_agent(out.agent_joined.agent, payload.agent)
         case NoAgentAvailable():
