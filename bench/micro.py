@@ -1,7 +1,8 @@
 """``python -m bench.micro``: what the webhook's own work costs, in-process.
 
-Two parts: one call of each of the core's hot paths (the best of five runs of ``timeit``),
-and the webhook route as a whole, the gateway's ASGI app called directly by 16 concurrent
+Two parts: one call of each of the core's hot paths (the best of five runs of ``timeit``;
+with a stream's item for an agent message as ``reply_out`` builds it and as it was built
+before), and the webhook route as a whole, the gateway's ASGI app called directly by 16 concurrent
 callers against a service on a new SQLite file (CPU per webhook; no HTTP server, no
 sockets: ``make bench`` measures those with the rest), and the same again with the SQLite
 store's message-id budget (IDS_CACHED) set below what its handoffs hold in all, as when more
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.scenarios import fragment
 from gateway.app import create_gateway
@@ -32,8 +34,10 @@ from service.core.brevo_payloads import parse_webhook
 from service.core.handoffs import StartRequest
 from service.core.immutable import immutable
 from service.core.inbound import ServiceIdentity, plan_inbound
-from service.core.models import Agent, Handoff, HandoffState
+from service.core.models import Agent, AgentMessage, Handoff, HandoffState, StoredEvent
 from service.metrics import Metrics
+from service.rpc.convert import reply_out
+from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.storage import sqlite
 
 CALLS = 100_000
@@ -52,6 +56,30 @@ _Frozen: Callable[..., object] = dataclasses.dataclass(frozen=True, slots=True)(
     _twelve_fields("_Frozen")
 )
 _Immutable: Callable[..., object] = immutable(_twelve_fields("_Immutable"))
+
+
+def _item_built_apart(e: StoredEvent) -> pb.StreamAgentRepliesResponse:
+    """A stream's item for an agent message as the service built it before ``reply_out``:
+    each sub-message built on its own, then copied into the event, the event into the item."""
+    assert isinstance(e.payload, AgentMessage)
+    when = Timestamp()
+    when.FromMilliseconds(e.occurred_at_ms)
+    event = pb.HandoffEvent(
+        cursor=e.cursor,
+        handoff_id=e.handoff_id,
+        conversation_id=e.conversation_id,
+        occurred_at=when,
+    )
+    agent = e.payload.agent
+    event.agent_message.CopyFrom(
+        pb.AgentMessage(
+            brevo_message_id=e.payload.brevo_message_id,
+            agent=pb.Agent(id=agent.id, name=agent.name, picture_url=agent.picture_url),
+            text=e.payload.text,
+            html=e.payload.html,
+        )
+    )
+    return pb.StreamAgentRepliesResponse(event=event)
 
 
 def cost_us(call: Callable[[], object], calls: int) -> float:
@@ -78,6 +106,14 @@ def figures(calls: int = CALLS) -> dict[str, float]:
     )
     identity = ServiceIdentity("service-agent", "")
     values = tuple("abcdefghijkl")
+    stored = StoredEvent(
+        123_456,
+        handoff.id,
+        handoff.conversation_id,
+        message.created_at_ms or 0,
+        AgentMessage(message.id, Agent(message.agent_id, message.agent_name), message.text),
+    )
+    assert _item_built_apart(stored) == reply_out(stored)
     return {
         "frozen dataclass, 12 fields": cost_us(lambda: _Frozen(*values), calls),
         "@immutable class, 12 fields": cost_us(lambda: _Immutable(*values), calls),
@@ -93,6 +129,8 @@ def figures(calls: int = CALLS) -> dict[str, float]:
         "dataclasses.replace(Handoff)": cost_us(
             lambda: dataclasses.replace(handoff, version=6), calls
         ),
+        "stream item, built apart": cost_us(lambda: _item_built_apart(stored), calls),
+        "stream item, in place (reply_out)": cost_us(lambda: reply_out(stored), calls),
     }
 
 

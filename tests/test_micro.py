@@ -17,6 +17,8 @@ def test_the_micro_benchmark_reports_each_hot_path() -> None:
         "plan_inbound (one agent reply)",
         "Handoff.at_version",
         "dataclasses.replace(Handoff)",
+        "stream item, built apart",
+        "stream item, in place (reply_out)",
     }
     assert all(0 < us < 10_000 for us in costs.values()), costs
 

@@ -132,10 +132,10 @@ def handoff_out(h: Handoff) -> pb.Handoff:
 
 def reply_out(e: StoredEvent) -> pb.StreamAgentRepliesResponse:
     """A stream's item for ``e``, built in place. Building the sub-messages apart and
-    copying them in (into the event, the event into the item) took twice as long: 10.0 µs
-    an agent message, 4.8 here (timeit, 2026-12-02); under make bench's webhook-to-stream
-    load at 1,000 streams the conversion went from 8.6% of the service's samples to 6.2%
-    (py-spy)."""
+    copying them in (into the event, the event into the item) took twice as long: 7.6 µs
+    an agent message against 3.5 (make micro, 2026-12-02); under make bench's
+    webhook-to-stream load at 1,000 streams the conversion went from 8.6% of the service's
+    samples to 6.2% (py-spy)."""
     reply = pb.StreamAgentRepliesResponse()
     out = reply.event
     out.cursor = e.cursor
