@@ -43,7 +43,7 @@ def event(seq: int, handoff_id: str = "h") -> StoredEvent:
 
 
 def test_a_full_buffer_marks_only_that_subscription() -> None:
-    hub = EventHub(buffer_size=2)
+    hub = EventHub(buffer_size=2, heartbeat_s=60)
     slow, fast, other = hub.subscribe("h"), hub.subscribe("h"), hub.subscribe("x")
     for seq in (1, 2):
         hub.publish([event(seq)])
@@ -60,7 +60,7 @@ def test_a_full_buffer_marks_only_that_subscription() -> None:
 
 
 async def test_a_waiting_reader_wakes_for_an_event_and_a_cancelled_wait_loses_nothing() -> None:
-    hub = EventHub(buffer_size=5)
+    hub = EventHub(buffer_size=5, heartbeat_s=60)
     sub = hub.subscribe("h")
     reader = asyncio.create_task(sub.next())
     await asyncio.sleep(0)
@@ -82,7 +82,7 @@ async def test_a_waiting_reader_wakes_for_an_event_and_a_cancelled_wait_loses_no
 
 
 async def test_a_broken_subscription_gives_what_it_holds_then_none() -> None:
-    hub = EventHub(buffer_size=1)
+    hub = EventHub(buffer_size=1, heartbeat_s=60)
     full, waiting = hub.subscribe("h"), hub.subscribe("x")
     hub.publish([event(1), event(2)])
     assert full.overflowed
@@ -150,7 +150,7 @@ def test_a_heartbeat_interval_must_be_positive() -> None:
 
 def test_the_hub_wants_the_handoffs_it_has_subscriptions_for() -> None:
     """What a shared store's feed asks before decoding an event for this process."""
-    hub = EventHub(buffer_size=2)
+    hub = EventHub(buffer_size=2, heartbeat_s=60)
     assert (hub.wants("h"), hub.wants("x")) == (False, False)
     one = hub.subscribe("h")
     assert (hub.wants("h"), hub.wants("x")) == (True, False)

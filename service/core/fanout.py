@@ -152,7 +152,7 @@ class EventHub:
     idle stream hears something within every ``heartbeat_s``.
     """
 
-    def __init__(self, buffer_size: int, heartbeat_s: float = 15.0) -> None:
+    def __init__(self, buffer_size: int, heartbeat_s: float) -> None:
         if heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be positive")
         self._buffer_size = buffer_size

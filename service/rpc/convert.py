@@ -46,7 +46,7 @@ _KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
 
 def timestamp(ms: int) -> Timestamp:
     ts = Timestamp()
-    ts.FromMilliseconds(ms)
+    _set_time(ts, ms)
     return ts
 
 
@@ -99,7 +99,9 @@ def attachments_in(items: list[pb.Attachment]) -> tuple[Attachment, ...]:
 
 
 def agent_out(agent: Agent) -> pb.Agent:
-    return pb.Agent(id=agent.id, name=agent.name, picture_url=agent.picture_url)
+    out = pb.Agent()
+    _set_agent(out, agent)
+    return out
 
 
 def attachment_out(a: Attachment) -> pb.Attachment:

@@ -87,8 +87,8 @@ async def test_f2_to_f5_an_acknowledged_event_can_always_be_streamed(
     """F2-F5. brevo_payloads._Reader.number (service/core/brevo_payloads.py:103) returns any
     int unbounded, and _Reader.text any str, lone surrogates included. A createdAt >= 2**63
     overflows SQLite's INTEGER (OverflowError: a 500). Otherwise the event is stored and
-    acknowledged, and converting it for a stream fails: Timestamp.FromMilliseconds refuses a
-    time outside the years 1-9999 (service/rpc/convert.py:46), protobuf refuses a lone
+    acknowledged, and converting it for a stream fails: a Timestamp cannot carry a time
+    outside the years 1-9999 (service/rpc/convert.py, _set_time), protobuf refuses a lone
     surrogate in a string and an int beyond int32/int64 (convert.reply_out). The servicer
     turns that into INTERNAL (service/rpc/servicer.py, StreamAgentReplies) on every attempt:
     the event can never be delivered, nor anything after it."""
