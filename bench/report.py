@@ -164,6 +164,18 @@ def markdown(r: dict[str, Any], found: list[dict[str, Any]]) -> str:
         ),
         f"| ratio | {ratio(ingest['service']['per_s'], ingest['bare']['per_s']):.0%} | | | |",
         "",
+        "Round by round, taking turns (per s, and server CPU µs a request): the service's "
+        "store grows from each round to the next.",
+        "",
+        *(
+            f"- {name}: "
+            + ", ".join(
+                f"{one['per_s']}/s ({one['server_cpu_us_per_request']} µs)"
+                for one in ingest[name]["rounds"]
+            )
+            for name in ("service", "bare")
+        ),
+        "",
         "## 3. SendMessage to Brevo",
         "",
         "Against the stand-in Brevo answering at once; baseline: httpx posting the same body "

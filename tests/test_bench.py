@@ -66,6 +66,10 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
         ingest = results["ingest"][name]
         assert ingest["statuses"] == {"200": ingest["requests"]}, ingest
         assert ingest["server_cpu_us_per_request"] > 0, ingest
+        # Each round is reported on its own too, and they add up to the whole.
+        assert len(ingest["rounds"]) == results["sizes"]["rounds"] == 2, ingest
+        assert all(one["per_s"] > 0 for one in ingest["rounds"]), ingest
+        assert sum(one["acknowledged"] for one in ingest["rounds"]) == ingest["acknowledged"]
     for name in ("service", "direct"):
         send = results["send_message"][name]
         assert send["sequential_calls"] == 30
