@@ -47,9 +47,9 @@ class LoadResult:
     latencies_ns: list[int] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
     server_cpu_s: float = 0.0  # CPU the server used meanwhile, where measured
-    # Where rounds were merged: each round's answers with 200, its seconds and the server's
-    # CPU seconds, in order (a drift from round to round is the server's, as its store grows).
-    rounds: list[tuple[int, float, float]] = field(default_factory=list)
+    # Where rounds were merged: each round's own result, in order (a drift from one to the
+    # next is the server's: the service's store grows from round to round).
+    rounds: list[LoadResult] = field(default_factory=list)
 
     @property
     def rate(self) -> float:

@@ -357,9 +357,7 @@ async def ingest(
 IngestTarget = tuple[int, Callable[[int], str], list[str], Proc]
 
 
-async def ingest_side_by_side(
-    targets: list[IngestTarget], sizes: Sizes, ok_status: int = 200
-) -> list[LoadResult]:
+async def ingest_side_by_side(targets: list[IngestTarget], sizes: Sizes) -> list[LoadResult]:
     """``ingest`` on each target in turn, ``sizes.rounds`` times over, so that a noisy
     neighbour strikes them alike; one merged result per target, in order."""
     merged = [LoadResult() for _ in targets]
@@ -367,9 +365,9 @@ async def ingest_side_by_side(
         for total, (port, path_of, visitors, server) in zip(merged, targets, strict=True):
             cpu_before = server.cpu()
             one = await ingest(port, path_of, visitors, sizes)
-            cpu_s = server.cpu() - cpu_before
-            total.server_cpu_s += cpu_s
-            total.rounds.append((one.statuses.get(ok_status, 0), one.seconds, cpu_s))
+            one.server_cpu_s = server.cpu() - cpu_before
+            total.rounds.append(one)
+            total.server_cpu_s += one.server_cpu_s
             total.requests += one.requests
             total.seconds += one.seconds
             total.latencies_ns += one.latencies_ns
@@ -378,24 +376,24 @@ async def ingest_side_by_side(
     return merged
 
 
+def _rate_figures(result: LoadResult, ok_status: int) -> dict[str, Any]:
+    acknowledged = result.statuses.get(ok_status, 0)
+    return {
+        "acknowledged": acknowledged,
+        "per_s": round(acknowledged / result.seconds, 1),
+        "server_cpu_us_per_request": round(result.server_cpu_s / max(result.requests, 1) * 1e6, 1),
+    }
+
+
 def ingest_figures(result: LoadResult, ok_status: int = 200) -> dict[str, Any]:
     lat = ms(result.latencies_ns)
     return {
         "requests": result.requests,
-        "acknowledged": result.statuses.get(ok_status, 0),
         "statuses": {str(k): v for k, v in result.statuses.items()},
-        "per_s": round(result.statuses.get(ok_status, 0) / result.seconds, 1),
+        **_rate_figures(result, ok_status),
         "p50_ms": round(percentile(lat, 0.5), 3),
         "p99_ms": round(percentile(lat, 0.99), 3),
-        "server_cpu_us_per_request": round(result.server_cpu_s / max(result.requests, 1) * 1e6, 1),
-        "rounds": [
-            {
-                "acknowledged": acknowledged,
-                "per_s": round(acknowledged / seconds, 1),
-                "server_cpu_us_per_request": round(cpu_s / max(acknowledged, 1) * 1e6, 1),
-            }
-            for acknowledged, seconds, cpu_s in result.rounds
-        ],
+        "rounds": [_rate_figures(one, ok_status) for one in result.rounds],
     }
 
 

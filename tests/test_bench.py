@@ -70,6 +70,10 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
         assert len(ingest["rounds"]) == results["sizes"]["rounds"] == 2, ingest
         assert all(one["per_s"] > 0 for one in ingest["rounds"]), ingest
         assert sum(one["acknowledged"] for one in ingest["rounds"]) == ingest["acknowledged"]
+        # The whole is the rounds' mean, weighted by time and by requests: within their range.
+        for figure in ("per_s", "server_cpu_us_per_request"):
+            each = [one[figure] for one in ingest["rounds"]]
+            assert min(each) - 0.1 <= ingest[figure] <= max(each) + 0.1, (figure, ingest)
     for name in ("service", "direct"):
         send = results["send_message"][name]
         assert send["sequential_calls"] == 30
