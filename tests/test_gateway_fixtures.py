@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from support import Harness, all_summaries, fixture, summarize
+from support import Harness, agent_fragment, all_summaries, fixture, summarize
+
+from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 
 MARTA = "HmN3bV7cX2zL9kJ4q"
 JON = "Kq8Wd2Rt6Yp1Ls9Mz"
@@ -127,6 +129,30 @@ async def test_fixtures_in_sequence_recover_a_lost_message_and_never_repeat(
     got = await harness.running.manager.get(handoff.id)
     assert got.state.value == "ENDED"
     assert got.brevo_conversation_id == "Mn4Bv6Cx8Za0Sd2Fg"
+
+
+async def test_a_redelivery_with_stale_flags_adds_nothing_and_moves_nothing(
+    harness: Harness,
+) -> None:
+    handoff = await harness.start_handoff()
+    await harness.settle()
+    reply = fixture("fragment_reply_with_echo.json", handoff.visitor_id)
+    assert (await harness.post(reply)).json() == {"outcome": "stored", "events": 2}
+    # Redelivered as if produced while nobody was online, naming another chat: the
+    # messages are known, so the flags are as old as they are.
+    stale = {**reply, "isNoAvailableAgent": True, "conversationId": "Zq7OlderChat01"}
+    assert (await harness.post(stale)).json() == {"outcome": "duplicate", "events": 0}
+    got = await harness.stub.GetHandoff(pb.GetHandoffRequest(handoff_id=handoff.id))
+    assert got.handoff.brevo_conversation_id == "Mn4Bv6Cx8Za0Sd2Fg"
+    assert got.handoff.state == pb.HANDOFF_STATE_ACTIVE
+    # The next event after the reply is the next new message: nothing came in between.
+    marker = agent_fragment(handoff.visitor_id, "Mk1NextMessage", "next", n=60_000)
+    assert (await harness.post(marker)).json() == {"outcome": "stored", "events": 1}
+    events = await harness.collect(handoff.id, 3)
+    assert all_summaries(events) == [
+        *GOLDEN["fragment_reply_with_echo.json"],
+        ("message", "Mk1NextMessage", MARTA, "Marta", "next"),
+    ]
 
 
 async def test_no_agent_available_is_emitted_once_per_change(harness: Harness) -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 from service.core.brevo_payloads import BrevoMessage, WebhookEvent
-from service.core.inbound import ServiceIdentity, drop_reason, plan_inbound, sort_messages
+from service.core.inbound import (
+    InboundPlan,
+    ServiceIdentity,
+    drop_reason,
+    plan_inbound,
+    sort_messages,
+)
 from service.core.models import (
     Agent,
     AgentJoined,
@@ -124,6 +130,45 @@ def test_no_agent_flag_once_per_change_and_reset_by_an_agent_message() -> None:
         answered.handoff, fragment(no_agent=True), seen=set(), sent=set(), identity=ME, now_ms=4
     )
     assert [e.payload for e in later.events] == [NoAgentAvailable()]
+
+
+def test_a_redelivery_changes_nothing_not_even_the_flags_it_carries() -> None:
+    # Marta answered (so agents are available) in Brevo chat "conv"; hours later Brevo
+    # redelivers an older fragment, produced when nobody was online, that names another chat.
+    active = dataclasses.replace(
+        HANDOFF,
+        agents=(Agent("A1", "A1"),),
+        state=HandoffState.ACTIVE,
+        brevo_conversation_id="conv",
+    )
+    stale = WebhookEvent(
+        "conversationFragment",
+        "older-chat",
+        "hf_1",
+        (agent_msg("m1", 1), agent_msg("m2", 2)),
+        no_agent_available=True,
+    )
+    plan = plan_inbound(active, stale, seen={"m1", "m2"}, sent=set(), identity=ME, now_ms=9)
+    assert plan == InboundPlan(active, (), (), {"duplicate": 2})
+    assert not plan.changes_anything
+    # One new message in the same delivery makes its flags current: they apply.
+    fresh = dataclasses.replace(stale, messages=(*stale.messages, agent_msg("m3", 3)))
+    plan = plan_inbound(active, fresh, seen={"m1", "m2"}, sent=set(), identity=ME, now_ms=9)
+    assert [e.payload for e in plan.events] == [
+        NoAgentAvailable(),
+        AgentMessage("m3", Agent("A1", "A1"), "hi"),
+    ]
+    assert plan.handoff.brevo_conversation_id == "older-chat"
+    assert plan.seen_message_ids == ("m3",)
+
+
+def test_a_transcript_of_known_messages_still_ends_the_handoff() -> None:
+    active = dataclasses.replace(HANDOFF, agents=(Agent("A1", "A1"),), state=HandoffState.ACTIVE)
+    transcript = WebhookEvent("conversationTranscript", "conv", "hf_1", (agent_msg("m1", 1),))
+    plan = plan_inbound(active, transcript, seen={"m1"}, sent=set(), identity=ME, now_ms=9)
+    assert [e.payload for e in plan.events] == [HandoffEnded(EndReason.AGENT_CLOSED)]
+    assert plan.handoff.state is HandoffState.ENDED
+    assert plan.dropped == {"duplicate": 1}
 
 
 def test_transcript_ends_after_recovered_messages_and_ended_handoffs_take_nothing() -> None:

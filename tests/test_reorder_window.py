@@ -32,6 +32,7 @@ async def test_a_fragment_delivered_late_still_goes_first(
     h = await open_harness(make_config(tmp_path, *store_flags, "--reorder-window-seconds", "0.5"))
     try:
         handoff = await h.start_handoff()
+        await h.settle()  # the sandbox's own deliveries for the chat land first
         # Brevo delivers the second fragment first, then the first one with a repeat of m3.
         second = agent_fragment(handoff.visitor_id, "m3", "third", n=3)
         first = agent_fragment(handoff.visitor_id, "m1", "first", n=1)

@@ -71,6 +71,10 @@ def plan_inbound(
     - the agent messages left are held for ``reorder_window_ms`` (see ``reorder``), and
       what is due goes to the log; an agent's first message is preceded by ``AgentJoined``;
     - ``isNoAvailableAgent`` gives ``NoAgentAvailable`` each time it turns true;
+    - a webhook whose every message was handled before changes nothing, not even the
+      flags it carries: it is a redelivery (Brevo retries for hours), or a repeat such as
+      conversationStarted's message in the fragment after it, and its flags are as old as
+      its messages (a stale "no agent available" after an agent joined, say);
     - a transcript ends the handoff after every agent message not yet emitted.
 
     ``received_at_ms`` (default ``now_ms``) is when the webhook reached the service; its
@@ -81,16 +85,6 @@ def plan_inbound(
     if not handoff.is_open:
         dropped["handoff_ended"] = len(event.messages)
         return InboundPlan(handoff, (), (), dropped)
-
-    events: list[NewEvent] = []
-    no_agent = handoff.no_agent_available
-    brevo_conversation_id = event.conversation_id or handoff.brevo_conversation_id
-
-    if event.no_agent_available is True and not no_agent:
-        events.append(NewEvent(now_ms, NoAgentAvailable(), received))
-        no_agent = True
-    elif event.no_agent_available is False:
-        no_agent = False
 
     known = list(handoff.agents)
     if handoff.held:
@@ -127,6 +121,17 @@ def plan_inbound(
         )
 
     transcript = event.event_name == CONVERSATION_TRANSCRIPT
+    if event.messages and not handled and not transcript:
+        return InboundPlan(handoff, (), (), dropped)  # a redelivery: nothing in it is new
+
+    events: list[NewEvent] = []
+    no_agent = handoff.no_agent_available
+    brevo_conversation_id = event.conversation_id or handoff.brevo_conversation_id
+    if event.no_agent_available is True and not no_agent:
+        events.append(NewEvent(now_ms, NoAgentAvailable(), received))
+        no_agent = True
+    elif event.no_agent_available is False:
+        no_agent = False
     base = handoff
     if (no_agent, brevo_conversation_id) != (
         handoff.no_agent_available,
