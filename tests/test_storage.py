@@ -38,6 +38,22 @@ from service.storage.sqlite import SqliteStore
 Opener = Callable[[], Awaitable[HandoffStore]]
 
 
+def id_statements(statements: list[str]) -> tuple[int, int, int]:
+    """The SQLite store's statements about message ids, by kind: whole loads of a handoff's
+    ids (LIMIT), lookups of a webhook's own ids in all three places (an uncached handoff),
+    and confirmations of ids whose fingerprints matched (in one place each)."""
+    loads = lookups = confirmations = 0
+    for s in statements:
+        seen, sent = "FROM seen_messages" in s, "FROM sent_messages" in s
+        if seen and "LIMIT" in s:
+            loads += 1
+        elif seen and sent and "IN (" in s:
+            lookups += 1
+        elif (seen or sent) and "IN (" in s:
+            confirmations += 1
+    return loads, lookups, confirmations
+
+
 async def known(store: HandoffStore, handoff_id: str, ids: list[str]) -> tuple[set[str], set[str]]:
     """Which of ``ids`` the handoff has seen, and which it sent (it must exist)."""
     handoff, seen, sent = await store.read_for_webhook(handoff_id, ids)
@@ -552,25 +568,30 @@ async def test_a_sqlite_file_has_one_process_at_a_time(tmp_path: Path) -> None:
 async def test_sqlite_answers_known_ids_from_memory_and_only_what_the_file_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The SQLite store keeps a handoff's few message ids beside its record: the second
-    webhook's ids are answered without a statement, a commit rolled back leaves none of its
-    ids behind, a cached handoff's ids grow past IDS_LOADED, and a handoff holding more than
+    """The SQLite store keeps a handoff's message ids beside its record (as fingerprints):
+    the next webhooks' new ids are answered without a statement, and those that may be known
+    are confirmed where they would be kept; a commit rolled back leaves none of its ids
+    behind, a cached handoff's ids grow past IDS_LOADED, and a handoff holding more than
     that in the file is asked of the file each time."""
     store = await SqliteStore.open(str(tmp_path / "ids.db"))
     statements: list[str] = []
     store._db().set_trace_callback(statements.append)  # the store's own writing connection
 
-    def id_reads() -> int:
-        return sum("FROM seen_messages" in s for s in statements)
+    def id_reads() -> tuple[int, int, int]:
+        return id_statements(statements)
 
     try:
         h, _ = await store.create_handoff(sample_handoff(1))
         assert await known(store, "ho_1", ["m1"]) == (set(), set())
-        assert id_reads() == 1  # the first webhook reads the handoff's ids once
+        assert id_reads() == (1, 0, 0)  # the first webhook reads the handoff's ids once
         active = dataclasses.replace(h, state=HandoffState.ACTIVE)
         await store.commit(Commit(active, 0, seen_message_ids=("m1",), sent_message_ids=("s1",)))
+        assert await known(store, "ho_1", ["m2", "m3"]) == (set(), set())
+        assert id_reads() == (1, 0, 0)  # new ids: no statement
         assert await known(store, "ho_1", ["m1", "s1", "m2"]) == ({"m1"}, {"s1"})
-        assert id_reads() == 1
+        assert id_reads() == (1, 0, 2)  # m1 confirmed as seen, s1 as sent
+        sent_confirmation = [s for s in statements if "FROM sent_messages" in s][-1]
+        assert "FROM seen_messages" not in sent_confirmation  # an echo's: one key lookup
 
         # A batch that fails as a whole: its ids must not be taken for seen.
         def failing(payload: EventPayload) -> str:
@@ -585,9 +606,9 @@ async def test_sqlite_answers_known_ids_from_memory_and_only_what_the_file_holds
         assert await known(store, "ho_1", ["m1", "m2"]) == ({"m1"}, set())
         monkeypatch.setattr(sqlite_module, "payload_to_json", payload_to_json)
 
-        # A cached handoff's ids keep growing past IDS_LOADED, answered from memory.
+        # A cached handoff's ids keep growing past IDS_LOADED, kept in memory.
         monkeypatch.setattr(sqlite_module, "IDS_LOADED", 3)
-        before = id_reads()  # the failed batch made the store forget the handoff
+        loads, lookups, confirmations = id_reads()  # the failed batch: the handoff forgotten
         await store.commit(
             Commit(dataclasses.replace(active, version=1), 1, seen_message_ids=("m3", "m4"))
         )
@@ -595,7 +616,8 @@ async def test_sqlite_answers_known_ids_from_memory_and_only_what_the_file_holds
             {"m1", "m3", "m4"},
             {"s1"},
         )
-        assert id_reads() == before
+        assert await known(store, "ho_1", ["m5", "m6"]) == (set(), set())
+        assert id_reads() == (loads, lookups, confirmations + 2)
 
         # Read again from a file holding more than IDS_LOADED ids, they are not loaded:
         # still right, from the file, each time.
@@ -612,11 +634,7 @@ async def test_sqlite_answers_known_ids_from_memory_and_only_what_the_file_holds
         )
         assert await known(store, "ho_1", ["m4", "m5", "m6"]) == ({"m4", "m5"}, set())
         # the first read tried to load all (more than 3: not kept), then each asked for its own
-        assert id_reads() == 3
-        assert (
-            sum("LIMIT" in s for s in statements if "FROM seen_messages" in s),
-            sum("IN (" in s for s in statements if "FROM seen_messages" in s),
-        ) == (1, 2)
+        assert id_reads() == (1, 2, 0)
     finally:
         await store.close()
 
@@ -874,9 +892,9 @@ async def test_sqlite_keeps_the_ids_of_the_handoffs_used_last_within_its_budget(
     store._db().set_trace_callback(statements.append)
 
     def id_reads() -> tuple[int, int]:
-        """Whole loads (LIMIT), and lookups of a webhook's own ids (IN)."""
-        reads = [s for s in statements if "FROM seen_messages" in s]
-        return sum("LIMIT" in s for s in reads), sum("IN (" in s for s in reads)
+        """Whole loads (LIMIT), and lookups of a webhook's own ids in the file (IN) by a
+        handoff whose ids are not in memory (a cached one's confirmations left out)."""
+        return id_statements(statements)[:2]
 
     try:
         handoffs = [(await store.create_handoff(sample_handoff(n)))[0] for n in range(4)]
