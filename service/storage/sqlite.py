@@ -118,8 +118,9 @@ _UPDATE_VERSION = "UPDATE handoffs SET version = ? WHERE id = ? AND version = ?"
 _RECORD = "SELECT record, version FROM handoffs"
 # The message ids kept for a handoff, as (0, id) when seen, (1, id) when sent: those of
 # messages dropped or held in seen_messages, those of agent messages in their events (see
-# _apply), those the service posted in sent_messages. Takes the handoff id (then the
-# parameters of ``also``, a further condition on message_id) three times.
+# _apply), those the service posted in sent_messages: _SEEN_IDS the first two places,
+# _SENT_IDS the third, _KEPT_IDS all three. Each place takes the handoff id (then the
+# parameters of ``also``, a further condition on message_id) once.
 _SEEN_IDS = (
     "SELECT 0, message_id FROM seen_messages WHERE handoff_id = ?{also} UNION ALL"
     " SELECT 0, message_id FROM events WHERE handoff_id = ? AND message_id IS NOT NULL{also}"
@@ -148,8 +149,9 @@ RECORDS_CACHED = 4096
 # without a statement that its ids are new, and confirms with the file the few that may not be
 # (a redelivery, an echo of the service's own post). Cached as strings, about 100 bytes each,
 # the budget was 100,000 ids: ``make micro``'s route over 50 handoffs holding 200,000 ids took
-# 251 to 364 µs of CPU a webhook then, 64 to 111 µs with fingerprints, as much as with no ids
-# held (four runs each, old and new taking turns, 2026-12-02).
+# 251 to 364 µs of CPU a webhook then, 64 to 111 µs with fingerprints, about as much as the
+# route with no ids held took in the same runs (60 to 94 µs; four runs each, old and new
+# taking turns, 2026-12-02).
 # A handoff holding more than IDS_LOADED ids in the file when first read is not loaded, and its
 # webhooks ask the file for their own ids: the ids its events carry are found by going through
 # all of the handoff's entries in events_by_handoff_with_ids (see _apply), at every webhook and
