@@ -176,8 +176,7 @@ async def _seed_ids(store: HandoffStore, handoff_ids: list[str], count: int) -> 
     loads them."""
     each = count // len(handoff_ids)
     for n, handoff_id in enumerate(handoff_ids):
-        await store.read_for_webhook(handoff_id, [])
-        handoff = await store.get_handoff(handoff_id)
+        handoff = (await store.read_for_webhook(handoff_id, [])).handoff
         assert handoff is not None
         ids = tuple(f"seeded-{n}-{k}" for k in range(each))
         await store.commit(Commit(handoff, handoff.version, seen_message_ids=ids))

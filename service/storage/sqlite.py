@@ -149,9 +149,8 @@ RECORDS_CACHED = 4096
 # without a statement that its ids are new, and confirms with the file the few that may not be
 # (a redelivery, an echo of the service's own post). Cached as strings, about 100 bytes each,
 # the budget was 100,000 ids: ``make micro``'s route over 50 handoffs holding 200,000 ids took
-# 251 to 364 µs of CPU a webhook then, 64 to 111 µs with fingerprints, about as much as the
-# route with no ids held took in the same runs (60 to 94 µs; four runs each, old and new
-# taking turns, 2026-12-02).
+# 250 µs of CPU a webhook then, 65 and 66 µs with fingerprints, as much as the route with no
+# ids held (README, Performance, has the commands for before and after).
 # A handoff holding more than IDS_LOADED ids in the file when first read is not loaded, and its
 # webhooks ask the file for their own ids: the ids its events carry are found by going through
 # all of the handoff's entries in events_by_handoff_with_ids (see _apply), at every webhook and
