@@ -6,7 +6,7 @@ DEPS   := $(VENV)/.deps-installed
 STUBS  := service/rpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run demo test lint typecheck unit proto stubs stub-tools redis bench bench-grpc-floor micro clean
+.PHONY: run demo test lint typecheck unit proto stubs stub-tools redis bench bench-grpc-floor micro profile clean
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench-grpc-floor:
 ## micro: a webhook's own work, in-process (python -m bench.micro; about half a minute)
 micro: $(STUBS)
 	$(BIN)/python -m bench.micro
+
+## profile: where the service's CPU goes under make bench's ingest load, beside the bare
+## route's (python -m bench.profile; about a minute; writes build/profile/profile.json)
+profile: $(STUBS)
+	$(BIN)/python -m bench.profile $(PROFILE_ARGS)
 
 ## test: lint, type-check and run every test
 test: lint typecheck unit

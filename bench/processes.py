@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,12 +132,14 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 async def start_json_server(
-    name: str, log_dir: Path, kind: str | None = None
+    name: str, log_dir: Path, kind: str | None = None, launcher: Sequence[str] = ()
 ) -> tuple[Proc, dict[str, Any]]:
     """``bench.servers`` of ``kind`` (default: ``name``: ``bare``, ``standin`` or ``floor``),
-    logging as ``name``; returns it and the ports it printed."""
+    logging as ``name``; returns it and the ports it printed. ``launcher``: arguments to
+    Python before ``-m bench.servers`` (``bench.profile`` runs it under ``bench.sampler``)."""
     kind = kind or name
-    proc = await _spawn(name, [sys.executable, "-m", "bench.servers", kind], log_dir, _env())
+    args = [sys.executable, *launcher, "-m", "bench.servers", kind]
+    proc = await _spawn(name, args, log_dir, _env())
     assert proc.process.stdout is not None
     line = await asyncio.wait_for(proc.process.stdout.readline(), 30)
     if not line:
@@ -160,10 +163,18 @@ class ServiceProc(Proc):
 
 
 async def start_service(
-    name: str, standin_port: int, api_key: str, agent_id: str, log_dir: Path, **env: str
+    name: str,
+    standin_port: int,
+    api_key: str,
+    agent_id: str,
+    log_dir: Path,
+    *,
+    launcher: Sequence[str] = (),
+    **env: str,
 ) -> ServiceProc:
     """``python -m service`` on free ports against the stand-in Brevo, default settings but
-    for ``env`` (SQLite in the log folder unless REDIS_URL is given)."""
+    for ``env`` (SQLite in the log folder unless REDIS_URL is given). ``launcher``: arguments
+    to Python before ``-m service``."""
     grpc_port, http_port = free_port(), free_port()
     settings = {
         "BREVO_API_KEY": api_key,
@@ -177,7 +188,8 @@ async def start_service(
         **env,
     }
     _remove_sqlite(settings["HANDOFF_SQLITE_PATH"])
-    proc = await _spawn(name, [sys.executable, "-m", "service"], log_dir, _env(settings))
+    args = [sys.executable, *launcher, "-m", "service"]
+    proc = await _spawn(name, args, log_dir, _env(settings))
     deadline = time.monotonic() + 60
     while "serving gRPC" not in proc.log_path.read_text(errors="replace"):
         if proc.process.returncode is not None or time.monotonic() > deadline:
