@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from support import MARTA, Harness, agent_fragment, until
 
 from service.brevo.sandbox import Fault
+from service.metrics import _Counts, _Latencies
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -105,3 +107,44 @@ async def test_replayed_events_are_counted_but_not_timed(harness: Harness) -> No
     after = await scrape(harness)
     assert delta(before, after, "handoff_stream_events_delivered_total", type="agent_message") == 1
     assert delta(before, after, "handoff_webhook_to_stream_seconds_count") == 0
+
+
+def test_the_latency_histogram_puts_each_observation_in_its_bucket_as_prometheus_does() -> None:
+    registry = CollectorRegistry()
+    latencies = _Latencies("waits_seconds", "Waits.", (0.001, 0.01, 1.0))
+    registry.register(latencies)
+    for seconds in (0.001, 0.0011, 0.5, 1.0, 7.5):  # a bound itself goes in its own bucket
+        latencies.observe(seconds)
+    text = generate_latest(registry).decode()
+    samples = {
+        (sample.name, sample.labels.get("le", "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples == {
+        ("waits_seconds_bucket", "0.001"): 1,
+        ("waits_seconds_bucket", "0.01"): 2,
+        ("waits_seconds_bucket", "1.0"): 4,
+        ("waits_seconds_bucket", "+Inf"): 5,
+        ("waits_seconds_count", ""): 5,
+        ("waits_seconds_sum", ""): 0.001 + 0.0011 + 0.5 + 1.0 + 7.5,
+    }
+
+
+def test_plain_counts_are_exposed_as_a_labelled_counter() -> None:
+    registry = CollectorRegistry()
+    counts = _Counts("things", "Things, by kind and colour.", ["kind", "colour"])
+    registry.register(counts)
+    counts.inc(("ball", "red"))
+    counts.inc(("ball", "red"))
+    counts.inc(("cube", "blue"))
+    text = generate_latest(registry).decode()
+    assert "# TYPE things_total counter" in text
+    assert {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    } == {
+        ("things_total", (("colour", "red"), ("kind", "ball"))): 2,
+        ("things_total", (("colour", "blue"), ("kind", "cube"))): 1,
+    }
