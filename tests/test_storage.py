@@ -687,7 +687,8 @@ async def test_a_sqlite_file_made_before_message_ids_went_with_events_keeps_its_
     tmp_path: Path,
 ) -> None:
     """A file whose events have no message_id column (every id in seen_messages, the index
-    on (handoff_id, seq)) gets the column and the index with ids; its ids are still known."""
+    on (handoff_id, seq)) gets the column, its events copied to handoff_events and the index
+    dropped; its ids and events are still found."""
     path = tmp_path / "older.db"
     made = sqlite3.connect(path)
     made.executescript(
@@ -729,10 +730,15 @@ async def test_a_sqlite_file_made_before_message_ids_went_with_events_keeps_its_
                 seen_message_ids=("new-2",),
             )
         )
-        indexes = store._db().execute(
+        db = store._db()
+        indexes = db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'"
         )
-        assert [name for (name,) in indexes] == ["events_by_handoff_with_ids"]
+        assert [name for (name,) in indexes] == []  # a webhook writes its event's page only
+        # The old event was copied to handoff_events on opening; the new one waits for the
+        # next bulk copy, found meanwhile among the newest events.
+        assert db.execute("SELECT * FROM handoff_events").fetchall() == [("ho_1", 1, None)]
+        assert db.execute("SELECT * FROM store_state").fetchall() == [("handoff_events_through", 1)]
         assert [e.payload for e in await store.read_events("ho_1", 0, 10)] == [
             AgentMessage("old-1", Agent("A"), "before"),
             AgentMessage("new-2", Agent("A"), "after"),
@@ -747,6 +753,118 @@ async def test_a_sqlite_file_made_before_message_ids_went_with_events_keeps_its_
         )
     finally:
         await reopened.close()
+
+
+def _mark(store: SqliteStore) -> int:
+    """The last event copied to handoff_events."""
+    row = (
+        store._db()
+        .execute("SELECT value FROM store_state WHERE key = 'handoff_events_through'")
+        .fetchone()
+    )
+    return int(row[0])
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_sqlite_copies_a_handoffs_events_in_bulk_and_reads_the_copy_and_the_rest_as_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: str
+) -> None:
+    """A webhook writes its event only; every INDEX_EVERY events the newest go to
+    handoff_events together. A handoff's replay and its message ids come from both places,
+    the copied and the newest, whatever the cursor and the limit, and reopening copies the
+    rest."""
+    monkeypatch.setattr(sqlite_module, "INDEX_EVERY", 3)
+    path = str(tmp_path / "bulk.db")
+    store = await SqliteStore.open(path, synchronous)
+    statements: list[str] = []
+    store._db().set_trace_callback(statements.append)
+    expected: dict[str, list[tuple[int, str]]] = {"ho_1": [], "ho_2": []}  # (seq, message id)
+    try:
+        handoffs = {}
+        for n in (1, 2):
+            h, _ = await store.create_handoff(sample_handoff(n))
+            handoffs[h.id] = h
+        marks = []
+        for n in range(8):  # the two handoffs taking turns
+            h = handoffs["ho_1" if n % 2 == 0 else "ho_2"]
+            message = AgentMessage(f"m{n}", Agent("A"), f"text {n}")
+            [stored] = await store.commit(
+                Commit(h, h.version, events=(NewEvent(n, message),), seen_message_ids=(f"m{n}",))
+            )
+            handoffs[h.id] = h.at_version(h.version + 1)
+            expected[h.id].append((stored.seq, f"m{n}"))
+            marks.append(_mark(store))
+        assert [seq for seqs in expected.values() for seq, _ in seqs] == [1, 3, 5, 7, 2, 4, 6, 8]
+        assert marks == [0, 0, 3, 3, 3, 6, 6, 6]
+        assert sum("INTO handoff_events" in s for s in statements) == 2  # the two bulk copies
+        assert store._db().execute("SELECT * FROM handoff_events ORDER BY seq").fetchall() == [
+            ("ho_1" if seq % 2 else "ho_2", seq, f"m{seq - 1}") for seq in range(1, 7)
+        ]
+
+        async def replays_right() -> None:
+            for handoff_id, events in expected.items():
+                for cursor in range(9):
+                    for limit in (1, 2, 10):
+                        replay = await store.read_events(handoff_id, cursor, limit)
+                        assert [(e.seq, e.handoff_id) for e in replay] == [
+                            (seq, handoff_id) for seq, _ in events if seq > cursor
+                        ][:limit], (handoff_id, cursor, limit)
+                assert [
+                    e.payload.brevo_message_id
+                    for e in await store.read_events(handoff_id, 0, 10)
+                    if isinstance(e.payload, AgentMessage)
+                ] == [message_id for _, message_id in events]
+
+        await replays_right()
+        # Message ids from both places: ho_1's asked of the file each time (none loaded),
+        # ho_2's loaded whole, then each possible match confirmed with the file.
+        monkeypatch.setattr(sqlite_module, "IDS_LOADED", 0)
+        assert await known(store, "ho_1", ["m0", "m6", "m1", "new"]) == ({"m0", "m6"}, set())
+        monkeypatch.setattr(sqlite_module, "IDS_LOADED", 10_000)
+        assert await known(store, "ho_2", ["m1", "m7", "m0", "new"]) == ({"m1", "m7"}, set())
+        await store.close()
+        store = await SqliteStore.open(path, synchronous)
+        assert _mark(store) == 8  # the rest copied on opening
+        await replays_right()
+        assert await known(store, "ho_1", ["m0", "m6", "m1", "new"]) == ({"m0", "m6"}, set())
+    finally:
+        await store.close()
+
+
+async def test_sqlite_commits_go_on_when_the_bulk_copy_fails_and_the_next_one_catches_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """handoff_events is derived: a copy that fails costs the commits nothing (they are
+    stored, each answered with its event) and the reads nothing (the newest events are
+    scanned); the next copy takes everything since the last one that worked."""
+    monkeypatch.setattr(sqlite_module, "INDEX_EVERY", 2)
+    store = await SqliteStore.open(str(tmp_path / "fails.db"))
+    copy = SqliteStore._index_tail
+    failures = [sqlite3.OperationalError("database or disk is full")]
+
+    def failing_once(self: SqliteStore, db: sqlite3.Connection) -> None:
+        if failures:
+            raise failures.pop()
+        copy(self, db)
+
+    monkeypatch.setattr(SqliteStore, "_index_tail", failing_once)
+    try:
+        h, _ = await store.create_handoff(sample_handoff(1))
+        seqs = []
+        for n in range(4):
+            message = AgentMessage(f"m{n}", Agent("A"), f"text {n}")
+            [stored] = await store.commit(Commit(h, h.version, events=(NewEvent(n, message),)))
+            h = h.at_version(h.version + 1)
+            seqs.append(stored.seq)
+            if n == 1:  # the first copy failed: nothing copied, everything read
+                assert _mark(store) == 0
+                assert [e.seq for e in await store.read_events("ho_1", 0, 10)] == seqs
+        assert "copying 2 events to handoff_events failed" in caplog.text
+        assert _mark(store) == 4
+        assert [row[0] for row in store._db().execute("SELECT seq FROM handoff_events")] == seqs
+        assert [e.seq for e in await store.read_events("ho_1", 0, 10)] == seqs == [1, 2, 3, 4]
+    finally:
+        await store.close()
 
 
 async def test_sqlite_commits_made_in_the_next_turn_join_the_same_transaction(

@@ -98,7 +98,35 @@ CREATE TABLE IF NOT EXISTS client_messages (
     brevo_message_id TEXT NOT NULL,
     PRIMARY KEY (handoff_id, client_message_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS handoff_events (
+    handoff_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    message_id TEXT,
+    PRIMARY KEY (handoff_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS store_state (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO store_state VALUES ('handoff_events_through', 0);
 """
+
+# A handoff's events, in order, with their message ids: what a stream's replay and the loading
+# of a handoff's ids read. An index on events (handoff_id, seq, message_id) kept that, one
+# entry a webhook, each handoff's on a page of its own: every webhook wrote one page more to
+# the log than its event's (the events' own pages fill in turn), a tenth of the service's
+# ingest (scratch runs of section 2's load on 2026-12-03, without the index against with it,
+# three turns: 12,600 to 12,860 webhooks a second against 11,390 to 11,790). The same entries
+# now go to handoff_events in bulk, every INDEX_EVERY events stored, those after the last
+# bulk copy (store_state's handoff_events_through, moved in the same transaction) found by
+# scanning the newest events by seq. Every read below takes both, in one statement, so in one
+# snapshot of the file: the two never overlap and leave nothing out.
+_THROUGH = "SELECT value FROM store_state WHERE key = 'handoff_events_through'"
+_INDEX_TAIL = (
+    "INSERT OR IGNORE INTO handoff_events (handoff_id, seq, message_id)"
+    " SELECT handoff_id, seq, message_id FROM events WHERE seq > ? AND seq <= ?"
+)
+INDEX_EVERY = 500
 
 # Every write of a handoff checks and bumps its version. Setting an indexed column makes
 # SQLite rewrite that entry of each index on it (four, with the partial ones), even to the same
@@ -117,13 +145,18 @@ _UPDATE_VERSION = "UPDATE handoffs SET version = ? WHERE id = ? AND version = ?"
 # Every read of a record: its text and its version.
 _RECORD = "SELECT record, version FROM handoffs"
 # The message ids kept for a handoff, as (0, id) when seen, (1, id) when sent: those of
-# messages dropped or held in seen_messages, those of agent messages in their events (see
-# _apply), those the service posted in sent_messages: _SEEN_IDS the first two places,
-# _SENT_IDS the third, _KEPT_IDS all three. Each place takes the handoff id (then the
-# parameters of ``also``, a further condition on message_id) once.
+# messages dropped or held in seen_messages, those of agent messages with their events (see
+# _apply: in handoff_events, and the newest events not yet copied there), those the service
+# posted in sent_messages: _SEEN_IDS the first three places, _SENT_IDS the fourth, _KEPT_IDS
+# all four. Each place takes the handoff id (then the parameters of ``also``, a further
+# condition on message_id) once.
 _SEEN_IDS = (
     "SELECT 0, message_id FROM seen_messages WHERE handoff_id = ?{also} UNION ALL"
-    " SELECT 0, message_id FROM events WHERE handoff_id = ? AND message_id IS NOT NULL{also}"
+    " SELECT 0, message_id FROM handoff_events"
+    " WHERE handoff_id = ? AND message_id IS NOT NULL{also} UNION ALL"
+    " SELECT 0, message_id FROM events WHERE seq >"
+    " (SELECT value FROM store_state WHERE key = 'handoff_events_through')"
+    " AND handoff_id = ? AND message_id IS NOT NULL{also}"
 )
 _SENT_IDS = "SELECT 1, message_id FROM sent_messages WHERE handoff_id = ?{also}"
 _KEPT_IDS = _SEEN_IDS + " UNION ALL " + _SENT_IDS
@@ -134,7 +167,12 @@ _READ_ALL_EVENTS = (
 )
 _READ_HANDOFF_EVENTS = (
     "SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload, received_at_ms"
-    " FROM events WHERE handoff_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+    " FROM events WHERE seq IN (SELECT seq FROM handoff_events"
+    " WHERE handoff_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3) UNION ALL"
+    " SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload, received_at_ms"
+    " FROM events WHERE seq > MAX(?2,"
+    " (SELECT value FROM store_state WHERE key = 'handoff_events_through')) AND handoff_id = ?1"
+    " ORDER BY seq LIMIT ?3"
 )
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -153,7 +191,7 @@ RECORDS_CACHED = 4096
 # ids held (README, Performance, has the commands for before and after).
 # A handoff holding more than IDS_LOADED ids in the file when first read is not loaded, and its
 # webhooks ask the file for their own ids: the ids its events carry are found by going through
-# all of the handoff's entries in events_by_handoff_with_ids (see _apply), at every webhook and
+# all of the handoff's entries in handoff_events (see _SEEN_IDS), at every webhook and
 # the longer the more messages it has, where loading them is paid once (both on the event
 # loop: the bound keeps that one read short). Past IDS_CACHED, the ids of the handoffs whose
 # webhooks came least recently are dropped (and read again at their next webhook). A cached
@@ -181,10 +219,10 @@ _Queued = tuple[Commit, "asyncio.Future[list[StoredEvent]]"]
 # load, once a second, even for those few frames: most of it the two syncs.)
 CHECKPOINT_EVERY = 1000
 
-# A webhook changes a row in two places of the file (its event, the event's entry in the
-# handoff's index; its handoff's version waits in memory, see SqliteStore._lagging), each on a
-# page of its own, and every page changed is written to the log whole, then copied by the
-# checkpoint. Pages of 2 KiB rather than
+# A webhook changes a row in one place of the file, its event (its entry in handoff_events waits
+# for the next bulk copy, see INDEX_EVERY; its handoff's version waits in memory, see
+# SqliteStore._lagging), and every page changed is written to the log whole, then copied by
+# the checkpoint. Pages of 2 KiB rather than
 # SQLite's 4 KiB cost less to write than they add in depth; 1 KiB pages did no
 # better (``make micro``'s webhook route, run twice with each value on 2026-11-26: 57 and 59 µs
 # of CPU a webhook with 4 KiB, 56 and 56 with 2 KiB, 56 and 58 with 1 KiB). Only a new file
@@ -245,6 +283,8 @@ class SqliteStore:
         # Checkpoints on the thread (NORMAL mode, see CHECKPOINT_EVERY).
         self._commits_unchecked = 0
         self._checkpoint: asyncio.Task[None] | None = None
+        # Events stored since the last copy to handoff_events (see INDEX_EVERY).
+        self._unindexed = 0
         # Versions only memory has: handoff id -> (the version in the file, the handoff's
         # version). With statements on the event loop, a commit that leaves the record as it
         # was (the usual webhook) moves the version here rather than in the file: the file's
@@ -311,12 +351,15 @@ class SqliteStore:
             conn.execute("ALTER TABLE events ADD COLUMN received_at_ms INTEGER NOT NULL DEFAULT 0")
         if "message_id" not in columns:  # a file made before message ids went with events
             conn.execute("ALTER TABLE events ADD COLUMN message_id TEXT")
-        # A handoff's events in order, with their message ids (see IDS_LOADED); it replaces
-        # events_by_handoff (handoff_id, seq), which files made before it have.
-        conn.execute(
-            "CREATE INDEX IF NOT EXISTS events_by_handoff_with_ids"
-            " ON events (handoff_id, seq, message_id)"
-        )
+        # A handoff's events in order, with their message ids: handoff_events, filled in bulk
+        # (see INDEX_EVERY). Files made before it have an index on events instead (with ids,
+        # events_by_handoff_with_ids, or without, events_by_handoff): their events are copied
+        # now, once, and the index goes.
+        try:
+            self._index_tail(conn)
+        except sqlite3.Error as exc:  # the reads scan the events past the mark meanwhile
+            log.warning("SQLite: copying events to handoff_events failed; retried later: %s", exc)
+        conn.execute("DROP INDEX IF EXISTS events_by_handoff_with_ids")
         conn.execute("DROP INDEX IF EXISTS events_by_handoff")
         columns = {row[1] for row in conn.execute("PRAGMA table_info(handoffs)")}
         if "release_at_ms" not in columns:  # a file made before the reorder window
@@ -603,6 +646,26 @@ class SqliteStore:
             return
         self._lagging.clear()
 
+    def _index_tail(self, db: sqlite3.Connection) -> None:
+        """Copies the events stored since the last copy to handoff_events, and moves the
+        mark, in a transaction of its own. Raises sqlite3.Error, having written nothing."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            (through,) = db.execute(_THROUGH).fetchone()
+            (last,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+            if last > through:
+                db.execute(_INDEX_TAIL, (through, last))
+                db.execute(
+                    "UPDATE store_state SET value = ? WHERE key = 'handoff_events_through'",
+                    (last,),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            raise
+
     def _start_checkpoint(self) -> None:
         self._checkpoint = asyncio.get_running_loop().create_task(self._checkpoint_on_thread())
 
@@ -669,6 +732,21 @@ class SqliteStore:
                 self._lagging.pop(handoff_id, None)
             else:
                 self._lagging[handoff_id] = (in_file, live)
+        self._unindexed += sum(len(o) for o in outcomes if not isinstance(o, Exception))
+        if self._unindexed >= INDEX_EVERY:
+            try:
+                self._index_tail(db)
+            except sqlite3.Error as exc:  # the reads scan a longer tail until the next try
+                log.warning(
+                    "SQLite: copying %d events to handoff_events failed; retried after the next"
+                    " %d: %s",
+                    self._unindexed,
+                    INDEX_EVERY,
+                    exc,
+                )
+                self._unindexed -= INDEX_EVERY
+            else:
+                self._unindexed = 0
         return outcomes
 
     def _finish(
@@ -848,7 +926,10 @@ class SqliteStore:
         ``most``."""
         rows = (
             self._db()
-            .execute(_KEPT_IDS.format(also="") + " LIMIT ?", (handoff_id,) * 3 + (most + 1,))
+            .execute(
+                _KEPT_IDS.format(also="") + " LIMIT ?",
+                (handoff_id,) * _KEPT_IDS.count("{also}") + (most + 1,),
+            )
             .fetchall()
         )
         if len(rows) > most:
