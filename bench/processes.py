@@ -132,14 +132,19 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 async def start_json_server(
-    name: str, log_dir: Path, kind: str | None = None, launcher: Sequence[str] = ()
+    name: str,
+    log_dir: Path,
+    kind: str | None = None,
+    launcher: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> tuple[Proc, dict[str, Any]]:
     """``bench.servers`` of ``kind`` (default: ``name``: ``bare``, ``standin`` or ``floor``),
     logging as ``name``; returns it and the ports it printed. ``launcher``: arguments to
-    Python before ``-m bench.servers`` (``bench.profile`` runs it under ``bench.sampler``)."""
+    Python before ``-m bench.servers`` (``bench.profile`` runs it under ``bench.sampler``);
+    ``env``: variables added to its environment."""
     kind = kind or name
     args = [sys.executable, *launcher, "-m", "bench.servers", kind]
-    proc = await _spawn(name, args, log_dir, _env())
+    proc = await _spawn(name, args, log_dir, _env(env))
     assert proc.process.stdout is not None
     line = await asyncio.wait_for(proc.process.stdout.readline(), 30)
     if not line:

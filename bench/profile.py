@@ -8,6 +8,11 @@ handoffs, warms both up, then for each in turn samples it (see ``bench.sampler``
 section 2's driver posts fragments for ``--seconds``. Prints each one's rate, CPU a
 request, and the shares of its samples: by file, by function (inclusive) and by line (self),
 the webhook's own code apart (``under`` the route). Writes ``profile.json`` to DIR.
+
+``--bare-spin N``: the bare route first adds 1 N times (interpreter work, no system call).
+On this machine kind the socket's sends cost a request more the fewer requests a second
+there are (the load driver idles between them, and waking it costs the sender): made about
+as slow as the service, the bare route pays for its own sends what the service does.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from bench.servers import SERVICE_AGENT, STANDIN_API_KEY
 # The webhook route's own code: the service's samples under it are a webhook's own work.
 SERVICE_ROUTE = "gateway/app.py:BrevoWebhook._answer"
 FLUSH = "service/storage/sqlite.py:SqliteStore._flush_batch"
+# The socket's send of a response (asyncio's transport, with the system call).
+SEND = "std:asyncio/selector_events.py:_SelectorSocketTransport.write"
 
 
 def roots() -> list[tuple[str, str]]:
@@ -78,10 +85,16 @@ async def _sampled(proc: Proc, out: Path, load: Awaitable[LoadResult]) -> tuple[
     return result, cpu
 
 
-async def run(seconds: float, warm_up_s: float, top: int, out_dir: Path) -> dict[str, Any]:
+async def run(
+    seconds: float, warm_up_s: float, top: int, out_dir: Path, bare_spin: int = 0
+) -> dict[str, Any]:
     log_dir = out_dir / "logs"
     procs: list[Proc] = []
-    results: dict[str, Any] = {"seconds": seconds, "interval_s": sampler.INTERVAL_S}
+    results: dict[str, Any] = {
+        "seconds": seconds,
+        "interval_s": sampler.INTERVAL_S,
+        "bare_spin": bare_spin,
+    }
     try:
         standin, standin_ports = await start_json_server("standin", log_dir)
         procs.append(standin)
@@ -97,7 +110,10 @@ async def run(seconds: float, warm_up_s: float, top: int, out_dir: Path) -> dict
         )
         procs.append(svc)
         bare, bare_ports = await start_json_server(
-            "bare", log_dir, launcher=["-m", "bench.sampler", str(bare_samples)]
+            "bare",
+            log_dir,
+            launcher=["-m", "bench.sampler", str(bare_samples)],
+            env={"BENCH_BARE_SPIN": str(bare_spin)},
         )
         procs.append(bare)
         _, visitors = await open_handoffs(svc, 50, "profile")
@@ -114,11 +130,13 @@ async def run(seconds: float, warm_up_s: float, top: int, out_dir: Path) -> dict
                 proc, samples_path, ingest(port, _constant(path), visitors, timed)
             )
             samples = sampler.load(samples_path)
+            cpu_us = cpu / max(load.requests, 1) * 1e6
             figures: dict[str, Any] = {
                 "requests": load.requests,
                 "statuses": {str(k): v for k, v in load.statuses.items()},
                 "per_s": round(load.requests / load.seconds, 1),
-                "server_cpu_us_per_request": round(cpu / max(load.requests, 1) * 1e6, 1),
+                "server_cpu_us_per_request": round(cpu_us, 1),
+                "send_us_per_request": round(sampler.share(samples, SEND, roots()) * cpu_us, 1),
                 # The kernel's tick bounds the rate (see bench.sampler).
                 "samples_per_cpu_s": round(sum(samples.values()) / max(cpu, 1e-9)),
                 "all": sampler.summary(samples, top, roots()),
@@ -142,10 +160,12 @@ def _print_shares(title: str, figures: dict[str, Any], of_all: int) -> None:
             print(f"    {percent:5.1f}%  {name}")
 
 
-def profile_ingest(seconds: float, warm_up_s: float, top: int, out_dir: Path) -> dict[str, Any]:
+def profile_ingest(
+    seconds: float, warm_up_s: float, top: int, out_dir: Path, bare_spin: int = 0
+) -> dict[str, Any]:
     """``run``, its results also written to ``out_dir/profile.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = asyncio.run(run(seconds, warm_up_s, top, out_dir))
+    results = asyncio.run(run(seconds, warm_up_s, top, out_dir, bare_spin))
     (out_dir / "profile.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
@@ -156,14 +176,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warm-up", type=float, default=3.0, help="load before sampling")
     parser.add_argument("--top", type=int, default=25, help="entries in each list")
     parser.add_argument("--out", default=str(REPO / "build" / "profile"), help="where to write")
+    parser.add_argument(
+        "--bare-spin",
+        type=int,
+        default=0,
+        help="additions the bare route makes before it answers (0: none); about 900 make it"
+        " as slow as the service, to see what the rate alone does to its cost",
+    )
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
-    results = profile_ingest(args.seconds, args.warm_up, args.top, out_dir)
+    results = profile_ingest(args.seconds, args.warm_up, args.top, out_dir, args.bare_spin)
     for name in ("service", "bare"):
         figures = results[name]
         print(
             f"\n== {name}: {figures['per_s']}/s, {figures['server_cpu_us_per_request']} µs of "
-            f"CPU a request, statuses {figures['statuses']}, "
+            f"CPU a request ({figures['send_us_per_request']} µs of it in the socket's sends), "
+            f"statuses {figures['statuses']}, "
             f"{figures['samples_per_cpu_s']} samples a CPU second"
         )
         total = figures["all"]["samples"]

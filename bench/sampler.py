@@ -149,6 +149,19 @@ def summary(
     }
 
 
+def share(
+    samples: collections.Counter[Stack], function: str, roots: Iterable[tuple[str, str]]
+) -> float:
+    """The fraction of the samples whose stack holds ``function`` ("file:function")."""
+    prefixes = tuple(roots)
+    total = holding = 0
+    for stack, count in samples.items():
+        total += count
+        if any(f"{short_path(f, prefixes)}:{q}" == function for f, q, _ in stack):
+            holding += count
+    return holding / total if total else 0.0
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "-m":
         print("usage: python -m bench.sampler OUT -m MODULE [ARG ...]", file=sys.stderr)

@@ -7,7 +7,9 @@
   pre-built messages (the contract's own types, so the same clients read both), and, on
   the same uvicorn set-up as the gateway (``service.http_server``), a Starlette route that
   hands one message to the streams of a handoff (``POST /push/{handoff_id}``) and a route
-  that only answers 200 (``POST /ok``).
+  that only answers 200 (``POST /ok``); with ``BENCH_BARE_SPIN`` set to N, that route first
+  adds 1 N times (``bench.profile --bare-spin``: the bare route made about as slow as the
+  service, to see what the rate alone changes in its cost).
 - ``floor``: a ``grpc.aio`` server keeping nothing of its own for a stream
   (``bench.grpc_floor``), with the service's server options: what an idle stream costs
   gRPC alone.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -105,6 +108,14 @@ class BareStreams(pb_grpc.HandoffServiceServicer):
         return len(queues)
 
 
+def _spin(times: int) -> int:
+    """CPU work of the interpreter's own, no system call: ``times`` additions."""
+    total = 0
+    for _ in range(times):
+        total += 1
+    return total
+
+
 def bare_app(streams: BareStreams) -> Starlette:
     async def push(request: Request) -> Response:
         # The very fragment the gateway gets; only its first message's text is used.
@@ -113,8 +124,12 @@ def bare_app(streams: BareStreams) -> Starlette:
         delivered = streams.push(request.path_params["handoff_id"], text)
         return Response(json.dumps({"delivered": delivered}), media_type="application/json")
 
+    spin = int(os.environ.get("BENCH_BARE_SPIN", "0"))
+
     async def ok(request: Request) -> Response:
         await request.body()
+        if spin:
+            _spin(spin)
         return Response(b'{"outcome":"ok"}', media_type="application/json")
 
     return Starlette(

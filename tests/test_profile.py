@@ -72,6 +72,20 @@ def test_samples_survive_the_file_between_processes(tmp_path: Path) -> None:
     assert not (tmp_path / "samples.json.partial").exists()
 
 
+def test_the_share_of_a_function_counts_each_sample_holding_it_once() -> None:
+    samples: collections.Counter[Stack] = collections.Counter(
+        {
+            (("/r/a.py", "f", 1), ("/r/a.py", "f", 9), ("/r/m.py", "main", 1)): 3,  # f twice
+            (("/r/b.py", "g", 2), ("/r/m.py", "main", 1)): 1,
+        }
+    )
+    roots = [("/r/", "")]
+    assert sampler.share(samples, "a.py:f", roots) == 0.75
+    assert sampler.share(samples, "m.py:main", roots) == 1.0
+    assert sampler.share(samples, "b.py:f", roots) == 0.0
+    assert sampler.share(collections.Counter(), "a.py:f", roots) == 0.0
+
+
 def test_the_summary_gives_exact_shares_by_file_function_and_line() -> None:
     main = ("/r/main.py", "main", 1)
     samples: collections.Counter[Stack] = collections.Counter(
@@ -113,7 +127,9 @@ def test_the_summary_gives_exact_shares_by_file_function_and_line() -> None:
 def test_the_profile_samples_the_service_and_the_bare_route_under_the_ingest_load(
     tmp_path: Path,
 ) -> None:
-    results = profile.profile_ingest(seconds=1.5, warm_up_s=0.3, top=60, out_dir=tmp_path)
+    results = profile.profile_ingest(
+        seconds=1.5, warm_up_s=0.3, top=60, out_dir=tmp_path, bare_spin=3000
+    )
     for log in sorted((tmp_path / "logs").glob("*.log")):
         audit_output(f"profile {log.stem}", log.read_text(errors="replace"))
     for name in ("service", "bare"):
@@ -122,6 +138,7 @@ def test_the_profile_samples_the_service_and_the_bare_route_under_the_ingest_loa
         assert figures["statuses"] == {"200": figures["requests"]}, figures  # all stored
         assert figures["server_cpu_us_per_request"] > 0
         assert figures["all"]["samples"] > 0
+        assert 0 < figures["send_us_per_request"] < figures["server_cpu_us_per_request"]
     service = {name for name, _ in results["service"]["all"]["inclusive"]}
     assert "gateway/app.py:BrevoWebhook._answer" in service
     route = results["service"]["route"]
@@ -132,6 +149,8 @@ def test_the_profile_samples_the_service_and_the_bare_route_under_the_ingest_loa
     assert results["service"]["flush"]["samples"] > 0
     bare = {name for name, _ in results["bare"]["all"]["inclusive"]}
     assert "bench/servers.py:bare_app.<locals>.ok" in bare
+    assert "bench/servers.py:_spin" in bare  # --bare-spin reached the bare route
+    assert results["bare_spin"] == 3000
     assert not any(name.startswith(("gateway/", "service/")) for name in bare), bare
     assert "route" not in results["bare"]
     assert (tmp_path / "profile.json").exists()
