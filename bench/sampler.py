@@ -13,8 +13,8 @@ Why not py-spy, which the earlier rounds used: on this machine kind (a Firecrack
 samples fall on system-call sites far more often than the time spent there. Under section 2's
 ingest load it put 11% of the service's samples on one line, the group commit's
 ``asyncio.get_running_loop()`` (which calls ``getpid``), where ``perf record`` (driven by
-the kernel's timer) put 0.06% of the service's CPU in ``getpid`` and this sampler 1.2% on
-the whole ``commit`` call; the sockets' send and receive calls and SQLite's writes to its
+the kernel's timer) put 0.06% of the service's CPU in ``getpid`` and this sampler 1.7% in
+the whole of ``commit``; the sockets' send and receive calls and SQLite's writes to its
 log were overstated alike. README, Performance, has the figures.
 
 ``python -m bench.sampler OUT -m MODULE [ARG ...]`` runs ``MODULE`` as ``python -m`` would,
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import runpy
 import signal
 import sys
@@ -167,7 +166,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m bench.sampler OUT -m MODULE [ARG ...]", file=sys.stderr)
         return 2
     out, module, args = Path(argv[0]), argv[2], argv[3:]
-    sampler = Sampler(float(os.environ.get("SAMPLER_INTERVAL_S", INTERVAL_S)))
+    sampler = Sampler()
 
     def begin(signum: int, frame: FrameType | None) -> None:
         sampler.samples.clear()
