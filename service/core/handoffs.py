@@ -460,10 +460,12 @@ class HandoffManager:
             # shared backend one round trip, where reading first took two.
             guess = self._store.last_known(handoff_id)
             read: WebhookRead | None = None
+            seen: set[str]
+            sent: set[str]
             for _ in range(COMMIT_ATTEMPTS):
                 guessed = read is None and guess is not None
                 if guessed:
-                    current, seen, sent = WebhookRead(guess, set(), set())
+                    current, seen, sent = guess, set(), set()
                     guess = None  # one guess only
                 else:
                     if read is None:

@@ -103,7 +103,10 @@ def plan_inbound(
             dropped[reason] = dropped.get(reason, 0) + 1
             continue
         agent = _agent_of(message, event, known)
-        if all(k.id != agent.id for k in known):
+        for k in known:  # a loop, not all() over a generator: every agent message passes here
+            if k.id == agent.id:
+                break
+        else:
             known.append(agent)
         held.append(
             HeldMessage(

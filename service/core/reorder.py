@@ -63,7 +63,10 @@ def release_held(
     # ``released`` is never empty here: ``flush`` with something held, or a due message.
     for held in released:
         agent = held.message.agent
-        if all(known.id != agent.id for known in agents):
+        for known in agents:  # a loop, not all() over a generator: once a message released
+            if known.id == agent.id:
+                break
+        else:
             agents.append(agent)
             events.append(NewEvent(held.created_at_ms, AgentJoined(agent), held.arrived_at_ms))
         events.append(NewEvent(held.created_at_ms, held.message, held.arrived_at_ms))

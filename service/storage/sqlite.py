@@ -715,12 +715,16 @@ class SqliteStore:
             return [_unavailable(exc)] * len(batch)
         outcomes: list[list[StoredEvent] | Exception] = []
         versions: dict[str, tuple[int, int]] = {}  # this batch's changes to _lagging
+        events = 0
         try:
             for commit, _ in batch:
                 try:
-                    outcomes.append(self._apply(db, commit, versions))
+                    stored = self._apply(db, commit, versions)
                 except ConcurrentUpdate as exc:
                     outcomes.append(exc)
+                else:
+                    outcomes.append(stored)
+                    events += len(stored)
             db.execute("COMMIT")
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -732,7 +736,7 @@ class SqliteStore:
                 self._lagging.pop(handoff_id, None)
             else:
                 self._lagging[handoff_id] = (in_file, live)
-        self._unindexed += sum(len(o) for o in outcomes if not isinstance(o, Exception))
+        self._unindexed += events
         if self._unindexed >= INDEX_EVERY:
             try:
                 self._index_tail(db)
