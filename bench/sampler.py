@@ -99,6 +99,11 @@ def short_path(filename: str, roots: Iterable[tuple[str, str]]) -> str:
     return filename
 
 
+def _functions(stack: Stack, prefixes: tuple[tuple[str, str], ...]) -> set[str]:
+    """The functions on a stack, each once, as "file:function" with the file shortened."""
+    return {f"{short_path(f, prefixes)}:{q}" for f, q, _ in stack}
+
+
 def summary(
     samples: collections.Counter[Stack],
     top: int,
@@ -122,14 +127,14 @@ def summary(
     inclusive: collections.Counter[str] = collections.Counter()
     by_line: collections.Counter[str] = collections.Counter()
     for stack, count in samples.items():
-        named = [(short_path(f, prefixes), q, n) for f, q, n in stack]
-        functions = {f"{f}:{q}" for f, q, _ in named}
+        functions = _functions(stack, prefixes)
         if under is not None and under not in functions:
             continue
         total += count
-        if not named:
+        if not stack:
             continue
-        leaf_file, leaf_function, leaf_line = named[0]
+        file, leaf_function, leaf_line = stack[0]
+        leaf_file = short_path(file, prefixes)
         by_file[leaf_file] += count
         by_line[f"{leaf_file}:{leaf_line} {leaf_function}"] += count
         for function in functions:
@@ -156,7 +161,7 @@ def share(
     total = holding = 0
     for stack, count in samples.items():
         total += count
-        if any(f"{short_path(f, prefixes)}:{q}" == function for f, q, _ in stack):
+        if function in _functions(stack, prefixes):
             holding += count
     return holding / total if total else 0.0
 

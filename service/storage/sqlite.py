@@ -31,7 +31,7 @@ import functools
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Self, TypeVar
 
@@ -122,6 +122,7 @@ INSERT OR IGNORE INTO store_state VALUES ('handoff_events_through', 0);
 # scanning the newest events by seq. Every read below takes both, in one statement, so in one
 # snapshot of the file: the two never overlap and leave nothing out.
 _THROUGH = "SELECT value FROM store_state WHERE key = 'handoff_events_through'"
+_MOVE_THROUGH = "UPDATE store_state SET value = ? WHERE key = 'handoff_events_through'"
 _INDEX_TAIL = (
     "INSERT OR IGNORE INTO handoff_events (handoff_id, seq, message_id)"
     " SELECT handoff_id, seq, message_id FROM events WHERE seq > ? AND seq <= ?"
@@ -150,12 +151,12 @@ _RECORD = "SELECT record, version FROM handoffs"
 # posted in sent_messages: _SEEN_IDS the first three places, _SENT_IDS the fourth, _KEPT_IDS
 # all four. Each place takes the handoff id (then the parameters of ``also``, a further
 # condition on message_id) once.
+# (S608: what is joined in is this module's own constants, never input.)
 _SEEN_IDS = (
-    "SELECT 0, message_id FROM seen_messages WHERE handoff_id = ?{also} UNION ALL"
+    "SELECT 0, message_id FROM seen_messages WHERE handoff_id = ?{also} UNION ALL"  # noqa: S608
     " SELECT 0, message_id FROM handoff_events"
     " WHERE handoff_id = ? AND message_id IS NOT NULL{also} UNION ALL"
-    " SELECT 0, message_id FROM events WHERE seq >"
-    " (SELECT value FROM store_state WHERE key = 'handoff_events_through')"
+    " SELECT 0, message_id FROM events WHERE seq > (" + _THROUGH + ")"
     " AND handoff_id = ? AND message_id IS NOT NULL{also}"
 )
 _SENT_IDS = "SELECT 1, message_id FROM sent_messages WHERE handoff_id = ?{also}"
@@ -166,12 +167,11 @@ _READ_ALL_EVENTS = (
     " FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
 )
 _READ_HANDOFF_EVENTS = (
-    "SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload, received_at_ms"
+    "SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload, received_at_ms"  # noqa: S608
     " FROM events WHERE seq IN (SELECT seq FROM handoff_events"
     " WHERE handoff_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3) UNION ALL"
     " SELECT seq, handoff_id, conversation_id, occurred_at_ms, payload, received_at_ms"
-    " FROM events WHERE seq > MAX(?2,"
-    " (SELECT value FROM store_state WHERE key = 'handoff_events_through')) AND handoff_id = ?1"
+    " FROM events WHERE seq > MAX(?2, (" + _THROUGH + ")) AND handoff_id = ?1"
     " ORDER BY seq LIMIT ?3"
 )
 
@@ -247,6 +247,20 @@ def _only_writer(path: str) -> int:
             "of its own, and replicas that share their state need REDIS_URL"
         ) from None
     return descriptor
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE, then COMMIT, or ROLLBACK and the error raised again."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        raise
 
 
 def _unavailable(exc: Exception) -> Exception:
@@ -629,16 +643,9 @@ class SqliteStore:
             return
         # Unconditional: memory's version is the handoff's, whatever the file says.
         rows = [(live, handoff_id) for handoff_id, (_, live) in self._lagging.items()]
-        db = self._db()
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(self._db()) as db:
                 db.executemany("UPDATE handoffs SET version = ? WHERE id = ?", rows)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             log.warning(
                 "SQLite: writing %d handoff versions failed; retried later: %s", len(rows), exc
@@ -649,22 +656,12 @@ class SqliteStore:
     def _index_tail(self, db: sqlite3.Connection) -> None:
         """Copies the events stored since the last copy to handoff_events, and moves the
         mark, in a transaction of its own. Raises sqlite3.Error, having written nothing."""
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             (through,) = db.execute(_THROUGH).fetchone()
             (last,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
             if last > through:
                 db.execute(_INDEX_TAIL, (through, last))
-                db.execute(
-                    "UPDATE store_state SET value = ? WHERE key = 'handoff_events_through'",
-                    (last,),
-                )
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-            raise
+                db.execute(_MOVE_THROUGH, (last,))
 
     def _start_checkpoint(self) -> None:
         self._checkpoint = asyncio.get_running_loop().create_task(self._checkpoint_on_thread())
