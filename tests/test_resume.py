@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
 from pathlib import Path
 
-from support import Harness, all_summaries, close_harness, fixture, make_config, open_harness
+from support import (
+    Harness,
+    agent_fragment,
+    all_summaries,
+    close_harness,
+    fixture,
+    make_config,
+    open_harness,
+)
 
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 
@@ -120,3 +130,39 @@ async def test_ended_handoff_stream_replays_and_completes(harness: Harness) -> N
         return [item async for item in resumed]
 
     assert await asyncio.wait_for(read_all(), 2) == []
+
+
+async def test_a_stream_waiting_for_live_events_holds_none_of_what_it_replayed(
+    harness: Harness,
+) -> None:
+    """Each stream decodes its replay for itself. Once it has sent it and waits for live
+    events, none of it may stay referenced: a page held through the wait was up to
+    replay_page events (500) for as long as the stream stayed open, on every stream that
+    resumed; and each layer that forwards items (the core's stream, the servicer) held the
+    last one. Python's allocations made during the replay are counted (tracemalloc), with
+    the client's copies dropped: less than one of the replayed messages may remain."""
+    handoff = await harness.start_handoff()
+    texts = [f"{n:03d} " + "x" * 100_000 for n in range(30)]
+    for n, text in enumerate(texts):
+        body = agent_fragment(handoff.visitor_id, f"big-{n}", text, n)
+        assert (await harness.post(body)).json()["outcome"] == "stored"
+    call = harness.stub.StreamAgentReplies(pb.StreamAgentRepliesRequest(handoff_id=handoff.id))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        received = 0
+        async for item in call:
+            if item.event.agent_message.text:
+                assert item.event.agent_message.text[:4] == texts[received][:4]
+                received += 1
+                if received == len(texts):
+                    break
+        del item
+        await asyncio.sleep(0.2)  # the stream sent its last item and waits for live events
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        call.cancel()
+    replayed = sum(len(t) for t in texts)
+    assert held < len(texts[0]), f"{held} bytes still held of a {replayed}-byte replay"

@@ -587,16 +587,22 @@ class HandoffManager:
                 if self._shutting_down is not None:
                     raise self._shutting_down
                 page = await self._store.read_events(handoff_id, last, self.settings.replay_page)
+                full = len(page) == self.settings.replay_page
                 for event in page:
                     yield event
                     self._on_delivered(event, False)
                     last = event.seq
                     if handoff_id and isinstance(event.payload, HandoffEnded):
                         return
+                    del event  # see below
+                # An idle stream keeps nothing of what it sent: a page held here while the
+                # stream waits for live events was up to replay_page decoded events, this
+                # stream's own copies, for as long as it stayed open.
+                del page
                 if sub.broken:
                     sub.reset()  # still catching up from the store: the buffer is not needed
                     continue
-                if len(page) < self.settings.replay_page:
+                if not full:
                     if ended:
                         # The handoff had ended and its end lies before the cursor (the
                         # client read it, then lost the stream): nothing more can come.
@@ -621,6 +627,7 @@ class HandoffManager:
                 last = live.seq
                 if handoff_id and isinstance(live.payload, HandoffEnded):
                     return
+                del live  # not held through the wait for the next one
         finally:
             self._hub.unsubscribe(sub)
 

@@ -79,6 +79,7 @@ def _tolerant(
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request.problem}")
             async for item in streaming(request, context):
                 yield item
+                del item  # not held while the stream waits for its next item
 
         return grpc.unary_stream_rpc_method_handler(stream, tolerant, handler.response_serializer)
     return found

@@ -199,6 +199,7 @@ class HandoffServicer(pb_grpc.HandoffServiceServicer):
                     yield convert.heartbeat_out(item.sent_at_ms)
                 else:
                     yield convert.reply_out(item)
+                del item  # an idle stream holds nothing it sent (see HandoffManager._follow)
         except errors.HandoffError as exc:
             await context.abort(status_for(exc), message_for(exc))
         except Exception as exc:
