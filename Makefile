@@ -45,10 +45,11 @@ bench: $(STUBS) redis
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 ## bench-grpc-floor: an idle stream's memory on a grpc.aio server keeping nothing for it,
-## under each grpcio release of GRPCIO_VERSIONS (each in its own venv under build/grpc-floor/)
+## under each grpcio release of GRPCIO_VERSIONS (each in its own venv under build/grpc-floor/);
+## FLOOR_ARGS=--python-share also counts the share of it that is Python's objects
 GRPCIO_VERSIONS ?= 1.49.1 1.51.3 1.53.2 1.54.3 1.60.2 1.62.3 1.70.0 1.78.0 1.85.1
 bench-grpc-floor:
-	scripts/grpc-floor-versions.sh $(GRPCIO_VERSIONS)
+	FLOOR_ARGS="$(FLOOR_ARGS)" scripts/grpc-floor-versions.sh $(GRPCIO_VERSIONS)
 
 ## micro: a webhook's own work, in-process (python -m bench.micro; about half a minute)
 micro: $(STUBS)

@@ -8,11 +8,16 @@ service and the bare baseline, and reads its memory with the same stream clients
 alone it needs nothing but ``grpcio`` (neither the contract's stubs nor protobuf), so that
 any release of grpcio can be measured with it (``make bench-grpc-floor``):
 
-- ``python bench/grpc_floor.py [--streams N]``: starts the server and a client process,
-  opens N streams (100 a connection), and prints one JSON line: the grpcio version, the
-  streams open and the server's resident memory per stream, over none;
-- ``python bench/grpc_floor.py serve``: the server alone; prints ``{"grpc_port": ...}``,
-  serves until killed;
+- ``python bench/grpc_floor.py [--streams N] [--python-share]``: starts the server and a
+  client process, opens N streams (100 a connection), and prints one JSON line: the grpcio
+  version, the streams open and the server's resident memory per stream, over none; with
+  ``--python-share``, also the share of it that is Python's objects (grpc.aio's, for the
+  call), counted by tracemalloc on a second new server with the same streams (tracemalloc
+  costs memory of its own, so the first server's figures are taken without it): the rest
+  is the C core's, and the allocators' own overhead;
+- ``python bench/grpc_floor.py serve [--traced]``: the server alone; prints
+  ``{"grpc_port": ...}``, serves until killed; ``--traced``: tracemalloc counts its Python
+  allocations, and SIGUSR1 makes it print ``{"traced_bytes": ...}``;
 - ``python bench/grpc_floor.py client PORT N CHANNELS``: opens the streams, prints
   ``{"opened": n}`` once each had its first item, and holds them until killed.
 """
@@ -22,10 +27,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+import tracemalloc
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +68,14 @@ def server(options: Sequence[tuple[str, Any]] = PENDING) -> grpc.aio.Server:
     return server
 
 
-async def _serve() -> None:
+async def _serve(traced: bool) -> None:
+    if traced:
+        tracemalloc.start()
+
+        def report() -> None:
+            print(json.dumps({"traced_bytes": tracemalloc.get_traced_memory()[0]}), flush=True)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, report)
     floor = server()
     port = floor.add_insecure_port("127.0.0.1:0")
     await floor.start()
@@ -95,16 +109,20 @@ def _rss(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def measure(streams: int) -> dict[str, Any]:
-    """The server's resident memory per open stream, ``streams`` open at once over
-    ``streams / 100`` connections from a client process, on a new server process."""
+def _with_streams(
+    streams: int, read: Callable[[subprocess.Popen[str]], int], traced: bool = False
+) -> tuple[int, int, int]:
+    """On a new server process (``traced``: with tracemalloc), ``read(server)`` before and
+    after ``streams`` streams are opened on it over ``streams / 100`` connections from a
+    client process; and how many opened."""
     me = [sys.executable, __file__]
-    serving = subprocess.Popen([*me, "serve"], stdout=subprocess.PIPE, text=True)  # noqa: S603
+    serve = [*me, "serve", *(["--traced"] if traced else [])]
+    serving = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)  # noqa: S603
     try:
         assert serving.stdout is not None
         port = json.loads(serving.stdout.readline())["grpc_port"]
         time.sleep(1.0)
-        before = _rss(serving.pid)
+        before = read(serving)
         channels = max(1, streams // 100)
         client = subprocess.Popen(  # noqa: S603 (this file, with numbers)
             [*me, "client", str(port), str(streams), str(channels)],
@@ -118,14 +136,32 @@ def measure(streams: int) -> dict[str, Any]:
                 raise RuntimeError("the floor's client process ended before opening its streams")
             opened = int(json.loads(line)["opened"])
             time.sleep(1.0)
-            with_streams = _rss(serving.pid)
+            after = read(serving)
         finally:
             client.kill()  # the measure is taken: the streams need no closing one by one
             client.wait(30)
     finally:
         serving.kill()  # likewise: a graceful stop would cancel each call, noisily
         serving.wait(30)
-    return {
+    return before, after, opened
+
+
+def _rss_of(serving: subprocess.Popen[str]) -> int:
+    return _rss(serving.pid)
+
+
+def _traced_of(serving: subprocess.Popen[str]) -> int:
+    assert serving.stdout is not None
+    serving.send_signal(signal.SIGUSR1)
+    return int(json.loads(serving.stdout.readline())["traced_bytes"])
+
+
+def measure(streams: int, python_share: bool = False) -> dict[str, Any]:
+    """The server's resident memory per open stream, ``streams`` open at once over
+    ``streams / 100`` connections from a client process, on a new server process; with
+    ``python_share``, also the Python objects' share of it (on another new server)."""
+    before, with_streams, opened = _with_streams(streams, _rss_of)
+    figures: dict[str, Any] = {
         "grpcio": grpc.__version__,
         "python": sys.version.split()[0],
         "requested": streams,
@@ -134,19 +170,31 @@ def measure(streams: int) -> dict[str, Any]:
         "rss_with_streams_mib": round(with_streams / 2**20, 1),
         "kib_per_stream": round((with_streams - before) / max(opened, 1) / 1024, 2),
     }
+    if python_share:
+        traced_before, traced_after, traced_opened = _with_streams(streams, _traced_of, True)
+        figures["python_streams"] = traced_opened
+        figures["python_kib_per_stream"] = round(
+            (traced_after - traced_before) / max(traced_opened, 1) / 1024, 2
+        )
+    return figures
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["serve"]:
-        asyncio.run(_serve())
+    if argv[:1] == ["serve"] and argv[1:] in ([], ["--traced"]):
+        asyncio.run(_serve(traced=argv[1:] == ["--traced"]))
         return 0
     if argv[:1] == ["client"] and len(argv) == 4:
         asyncio.run(_client(int(argv[1]), int(argv[2]), int(argv[3])))
         return 0
     parser = argparse.ArgumentParser(prog="python bench/grpc_floor.py", description=__doc__)
     parser.add_argument("--streams", type=int, default=10_000, help="streams to open")
+    parser.add_argument(
+        "--python-share",
+        action="store_true",
+        help="also count the Python objects' share (tracemalloc, on a second new server)",
+    )
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.streams)), flush=True)
+    print(json.dumps(measure(args.streams, args.python_share)), flush=True)
     return 0
 
 

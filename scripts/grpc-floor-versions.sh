@@ -2,6 +2,7 @@
 # make bench-grpc-floor: bench/grpc_floor.py (a grpc.aio server keeping nothing for a stream,
 # and STREAMS idle streams opened on it) under each grpcio release named, each in a virtual
 # environment of its own under build/grpc-floor/ holding grpcio alone. One JSON line a release.
+# FLOOR_ARGS: more arguments to bench/grpc_floor.py (--python-share: Python's part as well).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -15,5 +16,6 @@ for version in "$@"; do
         "$PYTHON" -m venv "$venv"
         "$venv/bin/python" -m pip install --quiet "grpcio==$version"
     fi
-    "$venv/bin/python" bench/grpc_floor.py --streams "${STREAMS:-10000}"
+    # shellcheck disable=SC2086 # FLOOR_ARGS is a list of words
+    "$venv/bin/python" bench/grpc_floor.py --streams "${STREAMS:-10000}" ${FLOOR_ARGS:-}
 done
