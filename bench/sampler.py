@@ -15,7 +15,7 @@ ingest load it put 11% of the service's samples on one line, the group commit's
 ``asyncio.get_running_loop()`` (which calls ``getpid``), where ``perf record`` (driven by
 the kernel's timer) put 0.06% of the service's CPU in ``getpid`` and this sampler 1.7% in
 the whole of ``commit``; the sockets' send and receive calls and SQLite's writes to its
-log were overstated alike. README, Performance, has the figures.
+log were overstated alike. docs/bench/history.md has the figures.
 
 ``python -m bench.sampler OUT -m MODULE [ARG ...]`` runs ``MODULE`` as ``python -m`` would,
 sampling from SIGUSR1 until SIGUSR2, which writes the samples to ``OUT`` (JSON; see

@@ -188,7 +188,7 @@ RECORDS_CACHED = 4096
 # (a redelivery, an echo of the service's own post). Cached as strings, about 100 bytes each,
 # the budget was 100,000 ids: ``make micro``'s route over 50 handoffs holding 200,000 ids took
 # 250 µs of CPU a webhook then, 65 and 66 µs with fingerprints, as much as the route with no
-# ids held (README, Performance, has the commands for before and after).
+# ids held (docs/bench/history.md has the commands for before and after).
 # A handoff holding more than IDS_LOADED ids in the file when first read is not loaded, and its
 # webhooks ask the file for their own ids: the ids its events carry are found by going through
 # all of the handoff's entries in handoff_events (see _SEEN_IDS), at every webhook and
@@ -303,7 +303,7 @@ class SqliteStore:
         # version). With statements on the event loop, a commit that leaves the record as it
         # was (the usual webhook) moves the version here rather than in the file: the file's
         # version was a statement and a page more written to the log for every webhook's
-        # handoff, copied again by the checkpoint (see README, Performance, the eighth
+        # handoff, copied again by the checkpoint (see docs/bench/history.md, the eighth
         # round). The version check of a commit then compares with the
         # version here; every read of a record gives it (an evicted record read again from
         # the file included: a writer that read an older version still loses). The versions
