@@ -508,7 +508,8 @@ class HandoffManager:
                 except errors.ConcurrentUpdate:
                     read = None
                     continue
-                self._count_dropped(plan.dropped)
+                if plan.dropped:
+                    self._count_dropped(plan.dropped)
                 self._schedule_release(plan.handoff)
                 self.stats["webhooks_stored"] += 1
                 debugging = log.isEnabledFor(logging.DEBUG)

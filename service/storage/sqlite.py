@@ -1001,7 +1001,17 @@ class SqliteStore:
     ) -> list[StoredEvent] | WebhookRead:
         """The read costs no round trip here (records and ids are in memory, mostly): it
         is made first, and the commit's own version check covers what may commit between."""
-        read = await self.read_for_webhook(commit.handoff.id, message_ids)
+        handoff_id = commit.handoff.id
+        # The usual webhook, on the event loop with no await: its record cached at the
+        # version planned on, its ids cached, and none of its messages' among them.
+        cached = self._cached(handoff_id)
+        ids = self._ids.get(handoff_id) if cached is not None else None
+        if ids is not None and cached is not None and cached.version == commit.expected_version:
+            self._ids.move_to_end(handoff_id)
+            maybe_seen, maybe_sent = ids.candidates(message_ids)
+            if not maybe_seen and not maybe_sent:
+                return await self.commit(commit)
+        read = await self.read_for_webhook(handoff_id, message_ids)
         if (
             read.handoff is None
             or read.handoff.version != commit.expected_version
