@@ -128,8 +128,22 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
             ids = [f"idle-{n}" for n in range(10)]
             return await idle_streams(proc, target, ids, count, log_dir)
 
+        async def new_service_idle(count: int) -> dict[str, Any]:
+            # What a replica pays when the streams come to a new process (after a rollout,
+            # say): no memory freed by earlier work to reuse, as for the floor.
+            fresh = await service(f"service-idle-{count}")
+            try:
+                ids, visitors = await open_handoffs(fresh, 10, "idle")
+                warm = service_target(fresh, ids, visitors, "idle").warm_up
+                assert warm is not None
+                await warm()
+                return await idle_streams(fresh, fresh.grpc_target, ids, count, log_dir)
+            finally:
+                await fresh.stop()
+
         for count in sizes.idle_counts:
             ours_idle = await idle_streams(svc, svc.grpc_target, idle_ids, count, log_dir)
+            ours_new_idle = await new_service_idle(count)
             base_idle = await baseline_idle(bare, bare_ports, count)
             # A new floor for each count: what its streams cost a process that has kept
             # nothing from any before them.
@@ -139,10 +153,17 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
             finally:
                 await floor.stop()
             idle.append(
-                {"streams": count, "service": ours_idle, "bare": base_idle, "floor": floor_idle}
+                {
+                    "streams": count,
+                    "service": ours_idle,
+                    "service_new": ours_new_idle,
+                    "bare": base_idle,
+                    "floor": floor_idle,
+                }
             )
             say(
-                f"   {count}: service {ours_idle['kib_per_stream']} KiB/stream; "
+                f"   {count}: service {ours_idle['kib_per_stream']} KiB/stream, "
+                f"{ours_new_idle['kib_per_stream']} on a new process; "
                 f"bare {base_idle['kib_per_stream']} KiB/stream; "
                 f"floor {floor_idle['kib_per_stream']} KiB/stream"
             )

@@ -19,6 +19,15 @@ def ratio(ours: float, base: float) -> float:
     return round(ours / base, 3) if base and not math.isnan(base) else float("nan")
 
 
+# Section 4's servers, as results.json names them and as results.md shows them.
+IDLE_ROWS = (
+    ("service", "service"),
+    ("service_new", "service, new process"),
+    ("bare", "bare"),
+    ("floor", "floor"),
+)
+
+
 def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of the benchmark issue, with the figure it is judged on."""
     found: list[dict[str, Any]] = []
@@ -67,19 +76,21 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
         added <= 1,
     )
     for row in r["idle_streams"]:
-        kib = row["service"]["kib_per_stream"]
+        # Judged on a new process: what a replica pays when the streams come to it after a
+        # rollout, and what the floor (a new process too) is measured on. The service that
+        # served the sections before reuses memory they freed, the more so the fewer streams.
+        kib = row["service_new"]["kib_per_stream"]
         check(
             f"<= 20 KiB per idle stream at {row['streams']}",
-            f"{kib} KiB; the bare grpc.aio server {row['bare']['kib_per_stream']} KiB, a "
-            f"grpc.aio server keeping nothing for a stream {row['floor']['kib_per_stream']} KiB",
+            f"{kib} KiB on a new service process ({row['service']['kib_per_stream']} KiB on "
+            "the one that served the sections before); a grpc.aio server keeping nothing for "
+            f"a stream {row['floor']['kib_per_stream']} KiB, the bare grpc.aio server "
+            f"{row['bare']['kib_per_stream']} KiB",
             kib <= 20,
         )
     biggest = max(r["idle_streams"], key=lambda row: row["streams"])
-    check(
-        "10,000 idle streams on one process",
-        f"{biggest['service']['streams']} streams open",
-        biggest["service"]["streams"] >= 10_000,
-    )
+    opened = min(biggest["service"]["streams"], biggest["service_new"]["streams"])
+    check("10,000 idle streams on one process", f"{opened} streams open", opened >= 10_000)
     redis = r["redis"]
     rr = ratio(redis["one_replica"]["events_per_s"], redis["sqlite_same_streams"]["events_per_s"])
     check(
@@ -201,18 +212,20 @@ def markdown(r: dict[str, Any], found: list[dict[str, Any]]) -> str:
         "Resident memory of the server process with the streams open, over none, per stream "
         "open: those the clients still hold once every stream has had its first item. The "
         "service and the bare server have served the sections before, and their allocators "
-        "reuse what they kept from them first. The floor is a grpc.aio server that keeps "
-        "nothing of its own for a stream (bench/grpc_floor.py), a new process for each count: "
-        "what an idle stream costs gRPC alone, with nothing to reuse.",
+        "reuse what they kept from them first. A new service process for each count has "
+        "nothing to reuse: what a replica pays when the streams come to it after a rollout; "
+        "the target is judged on it. The floor is a grpc.aio server that keeps nothing of "
+        "its own for a stream (bench/grpc_floor.py), a new process for each count too: what "
+        "an idle stream costs gRPC alone.",
         "",
         "| streams requested | | open | KiB per stream | RSS before MiB | with streams MiB |",
         "|---|---|---|---|---|---|",
     ]
     for row in r["idle_streams"]:
-        for name in ("service", "bare", "floor"):
+        for name, label in IDLE_ROWS:
             f = row[name]
             lines.append(
-                f"| {row['streams']} | {name} | {f['streams']} | {f['kib_per_stream']} | "
+                f"| {row['streams']} | {label} | {f['streams']} | {f['kib_per_stream']} | "
                 f"{f['rss_before_mib']} | {f['rss_with_streams_mib']} |"
             )
     redis = r["redis"]

@@ -83,7 +83,7 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
         assert results["send_message"][name]["sequential_calls"] == 30
     for row in results["idle_streams"]:
         # Counted by the clients: the streams still open once each had its first item.
-        for name in ("service", "bare", "floor"):
+        for name in ("service", "service_new", "bare", "floor"):
             assert row[name]["streams"] == 100, row
             assert row[name]["errors"] == [], row
     redis = results["redis"]
