@@ -116,10 +116,17 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         )
 
         say("4. idle streams: resident memory per stream")
-        idle_ids, idle_visitors = await open_handoffs(svc, 10, "idle")
-        warm_up = service_target(svc, idle_ids, idle_visitors, "idle").warm_up
-        assert warm_up is not None
-        await warm_up()  # every idle stream replays one message: its first item
+
+        async def idle_handoffs(proc: ServiceProc) -> list[str]:
+            # Ten handoffs of one agent message each: every idle stream replays it as its
+            # first item.
+            ids, visitors = await open_handoffs(proc, 10, "idle")
+            warm_up = service_target(proc, ids, visitors, "idle").warm_up
+            assert warm_up is not None
+            await warm_up()
+            return ids
+
+        idle_ids = await idle_handoffs(svc)
         idle = []
 
         async def baseline_idle(proc: Proc, ports: dict[str, Any], count: int) -> dict[str, Any]:
@@ -133,10 +140,7 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
             # say): no memory freed by earlier work to reuse, as for the floor.
             fresh = await service(f"service-idle-{count}")
             try:
-                ids, visitors = await open_handoffs(fresh, 10, "idle")
-                warm = service_target(fresh, ids, visitors, "idle").warm_up
-                assert warm is not None
-                await warm()
+                ids = await idle_handoffs(fresh)
                 return await idle_streams(fresh, fresh.grpc_target, ids, count, log_dir)
             finally:
                 await fresh.stop()

@@ -970,7 +970,22 @@ class SqliteStore:
         sent = self._known(handoff_id, maybe_sent, _SENT_IDS)[1] if maybe_sent else set()
         return seen, sent
 
+    def _all_new_by_cache(self, handoff_id: str, message_ids: Sequence[str]) -> Handoff | None:
+        """The cached record, when the handoff's cached ids say that every one of
+        ``message_ids`` is new: the usual webhook, which needs nothing from the file and no
+        await. None otherwise (not cached, ids not cached, or a fingerprint that matches)."""
+        handoff = self._cached(handoff_id)
+        ids = self._ids.get(handoff_id) if handoff is not None else None
+        if ids is None:
+            return None
+        self._ids.move_to_end(handoff_id)
+        maybe_seen, maybe_sent = ids.candidates(message_ids)
+        return handoff if not maybe_seen and not maybe_sent else None
+
     async def read_for_webhook(self, handoff_id: str, message_ids: Sequence[str]) -> WebhookRead:
+        usual = self._all_new_by_cache(handoff_id, message_ids)
+        if usual is not None:
+            return WebhookRead(usual, set(), set())
         handoff = await self.get_handoff(handoff_id)
         if handoff is None:
             return WebhookRead(None, set(), set())
@@ -986,7 +1001,7 @@ class SqliteStore:
         if cached is not None:
             maybe_seen, maybe_sent = cached.candidates(message_ids)
             if not maybe_seen and not maybe_sent:
-                return WebhookRead(handoff, set(), set())  # all new: the usual webhook
+                return WebhookRead(handoff, set(), set())  # all new (ids loaded just now)
             seen, sent = await self._run(lambda: self._confirm(handoff_id, maybe_seen, maybe_sent))
             return WebhookRead(handoff, seen, sent)
         seen, sent = await self._run(lambda: self._known(handoff_id, message_ids))
@@ -1001,17 +1016,10 @@ class SqliteStore:
     ) -> list[StoredEvent] | WebhookRead:
         """The read costs no round trip here (records and ids are in memory, mostly): it
         is made first, and the commit's own version check covers what may commit between."""
-        handoff_id = commit.handoff.id
-        # The usual webhook, on the event loop with no await: its record cached at the
-        # version planned on, its ids cached, and none of its messages' among them.
-        cached = self._cached(handoff_id)
-        ids = self._ids.get(handoff_id) if cached is not None else None
-        if ids is not None and cached is not None and cached.version == commit.expected_version:
-            self._ids.move_to_end(handoff_id)
-            maybe_seen, maybe_sent = ids.candidates(message_ids)
-            if not maybe_seen and not maybe_sent:
-                return await self.commit(commit)
-        read = await self.read_for_webhook(handoff_id, message_ids)
+        usual = self._all_new_by_cache(commit.handoff.id, message_ids)
+        if usual is not None and usual.version == commit.expected_version:
+            return await self.commit(commit)
+        read = await self.read_for_webhook(commit.handoff.id, message_ids)
         if (
             read.handoff is None
             or read.handoff.version != commit.expected_version
