@@ -6,7 +6,7 @@ DEPS   := $(VENV)/.deps-installed
 STUBS  := service/rpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run demo test lint typecheck unit proto stubs stub-tools redis bench bench-grpc-floor micro profile clean
+.PHONY: run demo test lint typecheck unit proto stubs stub-tools redis bench bench-grpc-floor bench-transports micro profile clean
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench: $(STUBS) redis
 GRPCIO_VERSIONS ?= 1.49.1 1.51.3 1.53.2 1.54.3 1.60.2 1.62.3 1.70.0 1.78.0 1.85.1
 bench-grpc-floor:
 	FLOOR_ARGS="$(FLOOR_ARGS)" scripts/grpc-floor-versions.sh $(GRPCIO_VERSIONS)
+
+## bench-transports: the service's idle stream, a unary call and pushed messages on grpc.aio
+## beside grpclib (python -m bench.transports; a few minutes; writes docs/bench/transports.json)
+bench-transports: $(STUBS)
+	$(BIN)/python -m bench.transports $(TRANSPORTS_ARGS)
 
 ## micro: a webhook's own work, in-process (python -m bench.micro; about half a minute)
 micro: $(STUBS)

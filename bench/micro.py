@@ -27,9 +27,9 @@ import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.scenarios import fragment
-from gateway.app import create_gateway
+from gateway.app import Gateway, create_gateway
 from service.app import start_service
-from service.config import load_config
+from service.config import Config, load_config
 from service.core.access import TokenSet
 from service.core.brevo_payloads import parse_webhook
 from service.core.handoffs import StartRequest
@@ -182,21 +182,50 @@ async def _seed_ids(store: HandoffStore, handoff_ids: list[str], count: int) -> 
         await store.commit(Commit(handoff, handoff.version, seen_message_ids=ids))
 
 
+def sandbox_config(sqlite_path: Path) -> Config:
+    """The service's configuration for an in-process run: the built-in sandbox with no
+    simulated agent, SQLite at ``sqlite_path``, every port the system's choice."""
+    return load_config(
+        [
+            "--host=127.0.0.1",
+            "--grpc-port=0",
+            "--http-port=0",
+            "--sandbox-port=0",
+            "--sandbox-agent=off",
+            f"--sqlite-path={sqlite_path}",
+            "--brevo-agent-id=bench-service-agent",
+        ],
+        environ={},
+    )
+
+
+async def post_in_process(app: Gateway, path: str, body: bytes) -> int:
+    """``body`` posted to the gateway's ASGI app called directly (no HTTP server, no
+    socket); the status it answered."""
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(int(str(message["status"])))
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 40000),
+    }
+    await app(scope, receive, send)  # type: ignore[arg-type]
+    return statuses[0]
+
+
 async def _webhook_cpu_us(webhooks: int, seeded_ids: int) -> tuple[float, dict[int, int]]:
     with tempfile.TemporaryDirectory() as folder:
-        config = load_config(
-            [
-                "--host=127.0.0.1",
-                "--grpc-port=0",
-                "--http-port=0",
-                "--sandbox-port=0",
-                "--sandbox-agent=off",
-                f"--sqlite-path={Path(folder) / 'micro.db'}",
-                "--brevo-agent-id=bench-service-agent",
-            ],
-            environ={},
-        )
-        running = await start_service(config)
+        running = await start_service(sandbox_config(Path(folder) / "micro.db"))
         try:
             visitors = []
             handoff_ids = []
@@ -211,23 +240,8 @@ async def _webhook_cpu_us(webhooks: int, seeded_ids: int) -> tuple[float, dict[i
             statuses: dict[int, int] = {}
 
             async def call(body: bytes) -> None:
-                async def receive() -> dict[str, object]:
-                    return {"type": "http.request", "body": body, "more_body": False}
-
-                async def send(message: dict[str, object]) -> None:
-                    if message["type"] == "http.response.start":
-                        status = int(str(message["status"]))
-                        statuses[status] = statuses.get(status, 0) + 1
-
-                scope = {
-                    "type": "http",
-                    "method": "POST",
-                    "path": "/webhooks/brevo/micro",
-                    "root_path": "",
-                    "headers": [(b"content-type", b"application/json")],
-                    "client": ("127.0.0.1", 40000),
-                }
-                await route(scope, receive, send)  # type: ignore[arg-type]
+                status = await post_in_process(route, "/webhooks/brevo/micro", body)
+                statuses[status] = statuses.get(status, 0) + 1
 
             async def caller(todo: itertools.islice[bytes]) -> None:
                 for body in todo:

@@ -137,13 +137,15 @@ async def start_json_server(
     kind: str | None = None,
     launcher: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    module: str = "bench.servers",
 ) -> tuple[Proc, dict[str, Any]]:
     """``bench.servers`` of ``kind`` (default: ``name``: ``bare``, ``standin`` or ``floor``),
     logging as ``name``; returns it and the ports it printed. ``launcher``: arguments to
     Python before ``-m bench.servers`` (``bench.profile`` runs it under ``bench.sampler``);
-    ``env``: variables added to its environment."""
+    ``env``: variables added to its environment; ``module``: another module serving
+    ``kind`` so (``bench.transports``)."""
     kind = kind or name
-    args = [sys.executable, *launcher, "-m", "bench.servers", kind]
+    args = [sys.executable, *launcher, "-m", module, kind]
     proc = await _spawn(name, args, log_dir, _env(env))
     assert proc.process.stdout is not None
     line = await asyncio.wait_for(proc.process.stdout.readline(), 30)

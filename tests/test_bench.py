@@ -25,17 +25,22 @@ BENCH_WEBHOOK_TOKEN = WEBHOOK_TOKEN
 BENCH_API_KEY = STANDIN_API_KEY
 
 
-@pytest.mark.timeout(300)
-def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) -> None:
+def _run_quick(module: str, out: Path, timeout_s: float) -> None:
+    """``python -m MODULE --quick --out OUT``, which must succeed."""
     done = subprocess.run(  # noqa: S603 (fixed arguments)
-        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", module, "--quick", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=timeout_s,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) -> None:
+    _run_quick("bench", tmp_path, timeout_s=280)
     # Every process the bench started logged to build/bench-quick/logs: into the log audit.
     logs = sorted((REPO / "build" / "bench-quick" / "logs").glob("*.log"))
     assert {p.stem for p in logs} >= {
@@ -147,3 +152,41 @@ def test_ports_handed_to_processes_lie_below_the_ephemeral_range_and_never_repea
     assert all(10_000 <= port < low for port in ports)
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[-1]))  # free when handed out, and still
+
+
+@pytest.mark.timeout(240)
+def test_the_transports_comparison_measures_both_servers_on_every_count(tmp_path: Path) -> None:
+    """``python -m bench.transports --quick``: the service's stream on grpc.aio and on
+    grpclib, each transport's floor, a unary call and pushed messages, all over loopback."""
+    _run_quick("bench.transports", tmp_path, timeout_s=220)
+    # Every process it started logged to build/bench-quick/transports-logs, emptied first:
+    # into the log audit.
+    logs = sorted((REPO / "build" / "bench-quick" / "transports-logs").glob("*.log"))
+    assert {p.stem for p in logs} >= {
+        "service-aio-100",
+        "service-grpclib-100",
+        "grpclib-floor-100",
+        "bare-aio",
+        "bare-grpclib",
+    }
+    for log in logs:
+        audit_output(f"bench.transports {log.stem}", log.read_text(errors="replace"))
+    results = json.loads((tmp_path / "transports.json").read_text())
+    assert results["quick"] is True
+    assert results["grpcio"] == grpc.__version__
+    idle = results["idle"]["100"]
+    assert set(idle) == {"service_aio", "service_grpclib", "floor_aio", "floor_grpclib"}
+    for name in ("service_aio", "service_grpclib", "floor_grpclib"):
+        assert (idle[name]["requested"], idle[name]["streams"], idle[name]["errors"]) == (
+            100,
+            100,
+            [],
+        ), name
+        assert idle[name]["rss_with_streams_mib"] > idle[name]["rss_before_mib"] > 0, name
+    assert (idle["floor_aio"]["requested"], idle["floor_aio"]["streams"]) == (100, 100)
+    for kind in ("aio", "grpclib"):
+        assert results["unary"][kind]["calls"] == 100
+        assert results["unary"][kind]["p50_ms"] > 0
+        # Every pushed message arrived, and was the one pushed (drain() compares bytes).
+        assert results["push"][kind]["messages"] == 50 * 4
+        assert results["push"][kind]["received"] == 50 * 4

@@ -1,0 +1,456 @@
+"""``python -m bench.transports [--quick] [--out DIR]`` (``make bench-transports``): the gRPC
+server the service is built on, ``grpc.aio``, beside grpclib, a gRPC server in pure Python
+on the h2 library, on what ``make bench``'s targets weigh. Every server is a new process of
+its own; the clients are grpc.aio's, in processes of their own for the idle streams, in
+this one for the rest.
+
+- **idle**: resident memory per open, idle ``StreamAgentReplies`` stream, over none, as
+  section 4 of ``make bench`` measures it on a new service process: the service's own
+  stream (the core's ``HandoffManager.events`` and the servicer's conversions, on ten
+  handoffs of one agent message each, which each stream replays first) served by
+  ``grpc.aio`` (the service's own server) and by grpclib (``_GrpclibStreams`` below: the
+  servicer's stream loop, nothing more), each in a new process; and each transport's floor,
+  a server keeping nothing for a stream (``bench/grpc_floor.py`` for ``grpc.aio``);
+- **unary**: a unary call's p50, one call at a time, the two servers taking turns, each
+  answering a pre-built reply (the gRPC hop that SendMessage adds to a post to Brevo), and
+  each server's CPU a call;
+- **push**: each server's CPU a message when each of its open streams is handed messages
+  at once (the hop under section 1's webhook -> stream rate), and the messages a second.
+
+Prints each figure as it comes and writes ``transports.json`` to DIR (default
+``docs/bench``). ``--quick``: small sizes, the smoke run of ``make test``; its figures mean
+nothing. ``python -m bench.transports KIND`` is one of its servers (``service``,
+``grpclib-floor``, ``bare-aio``, ``bare-grpclib``): it prints its ports as one JSON line
+and serves until killed; a bare server sends each of its streams ``BENCH_PUSH_ROUNDS`` messages on
+SIGUSR1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.encoding.base import CodecBase
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server, Stream
+
+from bench import grpc_floor
+from bench.processes import REPO, Proc, start_json_server
+from bench.scenarios import idle_streams
+from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
+
+HANDOFF_SERVICE = "handoff.v1.HandoffService"
+STREAM_METHOD = f"/{HANDOFF_SERVICE}/StreamAgentReplies"
+UNARY_METHOD = f"/{HANDOFF_SERVICE}/GetHandoff"
+# What a bare server answers: a GetHandoff reply, and an agent message as a stream's item.
+UNARY_REPLY = pb.GetHandoffResponse(
+    handoff=pb.Handoff(id="bare", conversation_id="bare", visitor_id="bare")
+).SerializeToString()
+PUSHED = pb.StreamAgentRepliesResponse(
+    event=pb.HandoffEvent(
+        cursor="c1.1",
+        handoff_id="bare",
+        conversation_id="bare",
+        agent_message=pb.AgentMessage(
+            brevo_message_id="bare", agent=pb.Agent(id="bare", name="Marta"), text="x" * 100
+        ),
+    )
+).SerializeToString()
+IDLE_HANDOFFS = 10
+
+
+@dataclass(frozen=True)
+class Sizes:
+    idle_counts: tuple[int, ...]
+    unary_calls: int
+    push_streams: int
+    push_rounds: int
+
+
+FULL = Sizes(idle_counts=(1_000, 10_000), unary_calls=3_000, push_streams=1_000, push_rounds=20)
+QUICK = Sizes(idle_counts=(100,), unary_calls=100, push_streams=50, push_rounds=4)
+
+
+class _Raw(CodecBase):
+    """grpclib's codec for messages already encoded: bytes in, bytes out."""
+
+    __content_subtype__ = "proto"
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        return bytes(message)
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        return data
+
+
+# --- the servers -------------------------------------------------------------------------
+
+
+class _GrpclibStreams:
+    """``StreamAgentReplies`` on grpclib, as the servicer serves it on ``grpc.aio``: the
+    core's events, converted. Only what the measure needs: a refused request ends the
+    stream with UNAVAILABLE and the core's reason."""
+
+    def __init__(self, events: Callable[[str, str], Any]) -> None:
+        self._events = events
+
+    async def stream(self, stream: Stream[bytes, bytes]) -> None:
+        from service.core import errors
+        from service.core.models import Heartbeat
+        from service.rpc import convert
+
+        raw = await stream.recv_message()
+        request = pb.StreamAgentRepliesRequest.FromString(raw or b"")
+        try:
+            items: AsyncIterator[Any] = await self._events(request.handoff_id, request.after_cursor)
+        except errors.HandoffError as exc:
+            raise GRPCError(Status.UNAVAILABLE, str(exc)) from exc
+        del request
+        await stream.send_initial_metadata()
+        async for item in items:
+            if isinstance(item, Heartbeat):
+                await stream.send_message(
+                    convert.heartbeat_out(item.sent_at_ms).SerializeToString()
+                )
+            else:
+                await stream.send_message(convert.reply_out(item).SerializeToString())
+            del item
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {STREAM_METHOD: Handler(self.stream, Cardinality.UNARY_STREAM, bytes, bytes)}
+
+
+async def _grpclib_server(handlers: Sequence[Any]) -> tuple[Server, int]:
+    server = Server(list(handlers), codec=_Raw())
+    await server.start("127.0.0.1", 0)
+    listening = server._server
+    assert isinstance(listening, asyncio.Server)  # grpclib's, from loop.create_server
+    return server, int(listening.sockets[0].getsockname()[1])
+
+
+async def _serve_service() -> None:
+    """The service as ``python -m service`` starts it (the built-in sandbox, SQLite in a
+    new folder), IDLE_HANDOFFS handoffs of one agent message each, and the grpclib server
+    beside its own, on the same core."""
+    from bench.micro import post_in_process, sandbox_config
+    from bench.scenarios import fragment
+    from gateway.app import create_gateway
+    from service.app import start_service
+    from service.core.access import TokenSet
+    from service.core.handoffs import StartRequest
+    from service.metrics import Metrics
+
+    folder = tempfile.mkdtemp(prefix="bench-transports-")
+    running = await start_service(sandbox_config(Path(folder) / "transports.db"))
+    route = create_gateway(running.manager, TokenSet(["bench"]), 1 << 20, Metrics())
+    ids: list[str] = []
+    statuses: list[int] = []
+    for n in range(IDLE_HANDOFFS):
+        handoff, _ = await running.manager.start(StartRequest(f"transports-{n}"))
+        ids.append(handoff.id)
+        body = fragment(handoff.visitor_id, timed=False)
+        statuses.append(await post_in_process(route, "/webhooks/brevo/bench", body))
+    if statuses != [200] * IDLE_HANDOFFS:
+        raise RuntimeError(f"the idle handoffs' messages were answered {statuses}")
+    _, grpclib_port = await _grpclib_server([_GrpclibStreams(running.manager.events)])
+    print(
+        json.dumps({"aio": running.grpc.port, "grpclib": grpclib_port, "handoffs": ids}),
+        flush=True,
+    )
+    await asyncio.Event().wait()
+
+
+class _Pushed:
+    """The open streams of a bare server; SIGUSR1 hands each of them ``rounds`` messages."""
+
+    def __init__(self, rounds: int) -> None:
+        self.queues: list[asyncio.Queue[bytes]] = []
+        self._rounds = rounds
+
+    def push(self) -> None:
+        for _ in range(self._rounds):
+            for queue in self.queues:
+                queue.put_nowait(PUSHED)
+
+
+async def _serve_bare(kind: str) -> None:
+    """A bare server of ``kind`` (``aio`` or ``grpclib``): GetHandoff answers UNARY_REPLY;
+    StreamAgentReplies sends a heartbeat, then what SIGUSR1 pushes."""
+    pushed = _Pushed(int(os.environ.get("BENCH_PUSH_ROUNDS", "1")))
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, pushed.push)
+    if kind == "aio":
+
+        async def unary(request: bytes, context: Any) -> bytes:
+            return UNARY_REPLY
+
+        async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+            queue: asyncio.Queue[bytes] = asyncio.Queue()
+            pushed.queues.append(queue)
+            yield grpc_floor.HEARTBEAT
+            while True:
+                yield await queue.get()
+
+        server = grpc.aio.server(options=grpc_floor.PENDING)
+        handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+            "GetHandoff": grpc.unary_unary_rpc_method_handler(unary),
+            "StreamAgentReplies": grpc.unary_stream_rpc_method_handler(stream),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(HANDOFF_SERVICE, handlers),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+    else:
+
+        class Bare:
+            async def unary(self, call: Stream[bytes, bytes]) -> None:
+                await call.recv_message()
+                await call.send_message(UNARY_REPLY)
+
+            async def stream(self, call: Stream[bytes, bytes]) -> None:
+                await call.recv_message()
+                queue: asyncio.Queue[bytes] = asyncio.Queue()
+                pushed.queues.append(queue)
+                await call.send_message(grpc_floor.HEARTBEAT)
+                while True:
+                    await call.send_message(await queue.get())
+
+            def __mapping__(self) -> dict[str, Handler]:
+                return {
+                    UNARY_METHOD: Handler(self.unary, Cardinality.UNARY_UNARY, bytes, bytes),
+                    STREAM_METHOD: Handler(self.stream, Cardinality.UNARY_STREAM, bytes, bytes),
+                }
+
+        _, port = await _grpclib_server([Bare()])
+    print(json.dumps({"grpc_port": port}), flush=True)
+    await asyncio.Event().wait()
+
+
+async def _serve_grpclib_floor() -> None:
+    class Floor:
+        async def stream(self, call: Stream[bytes, bytes]) -> None:
+            await call.recv_message()
+            await call.send_message(grpc_floor.HEARTBEAT)
+            await asyncio.get_running_loop().create_future()  # resolved by no one
+
+        def __mapping__(self) -> dict[str, Handler]:
+            return {STREAM_METHOD: Handler(self.stream, Cardinality.UNARY_STREAM, bytes, bytes)}
+
+    _, port = await _grpclib_server([Floor()])
+    print(json.dumps({"grpc_port": port}), flush=True)
+    await asyncio.Event().wait()
+
+
+SERVERS: dict[str, Callable[[], Any]] = {
+    "service": _serve_service,
+    "grpclib-floor": _serve_grpclib_floor,
+    "bare-aio": lambda: _serve_bare("aio"),
+    "bare-grpclib": lambda: _serve_bare("grpclib"),
+}
+
+
+# --- the measures ------------------------------------------------------------------------
+
+
+async def _start(
+    kind: str, log_dir: Path, env: dict[str, str] | None = None, name: str | None = None
+) -> tuple[Proc, dict[str, Any]]:
+    """This module's server ``kind``, logging as ``name`` (default: ``kind``)."""
+    return await start_json_server(
+        name or kind, log_dir, kind=kind, env=env, module="bench.transports"
+    )
+
+
+async def idle(count: int, log_dir: Path) -> dict[str, Any]:
+    """Memory per idle stream at ``count`` streams: the service's on each transport and
+    each transport's floor, every one on a new process."""
+    figures: dict[str, Any] = {}
+    for transport in ("aio", "grpclib"):
+        proc, ports = await _start("service", log_dir, name=f"service-{transport}-{count}")
+        try:
+            await asyncio.sleep(1.0)  # as section 4: what start-up freed settles first
+            target = f"127.0.0.1:{ports[transport]}"
+            figures[f"service_{transport}"] = await idle_streams(
+                proc, target, ports["handoffs"], count, log_dir
+            )
+        finally:
+            await proc.stop()
+    figures["floor_aio"] = await asyncio.to_thread(grpc_floor.measure, count)
+    proc, ports = await _start("grpclib-floor", log_dir, name=f"grpclib-floor-{count}")
+    try:
+        await asyncio.sleep(1.0)
+        ids = [f"idle-{n}" for n in range(IDLE_HANDOFFS)]
+        figures["floor_grpclib"] = await idle_streams(
+            proc, f"127.0.0.1:{ports['grpc_port']}", ids, count, log_dir
+        )
+    finally:
+        await proc.stop()
+    return figures
+
+
+async def unary(calls: int, log_dir: Path) -> dict[str, Any]:
+    """A unary call's p50 on each bare server, one call at a time, taking turns; and each
+    server's CPU a call."""
+    procs = {kind: await _start(f"bare-{kind}", log_dir) for kind in ("aio", "grpclib")}
+    try:
+        channels = {
+            kind: grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc_port']}")
+            for kind, (_, ports) in procs.items()
+        }
+        methods: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {
+            kind: channel.unary_unary(UNARY_METHOD) for kind, channel in channels.items()
+        }
+        for method in methods.values():  # connected and warm
+            for _ in range(max(10, calls // 10)):
+                await method(b"")
+        latencies: dict[str, list[int]] = {kind: [] for kind in methods}
+        cpu_before = {kind: proc.cpu() for kind, (proc, _) in procs.items()}
+        for _ in range(calls):
+            for kind, method in methods.items():
+                started = time.perf_counter_ns()
+                reply = await method(b"")
+                latencies[kind].append(time.perf_counter_ns() - started)
+                if reply != UNARY_REPLY:
+                    raise RuntimeError(f"{kind} answered {reply!r}")
+        figures = {
+            kind: {
+                "calls": calls,
+                "p50_ms": round(statistics.median(latencies[kind]) / 1e6, 3),
+                "server_cpu_us_per_call": round(
+                    (procs[kind][0].cpu() - cpu_before[kind]) / calls * 1e6, 1
+                ),
+            }
+            for kind in methods
+        }
+        for channel in channels.values():
+            await channel.close()
+    finally:
+        for proc, _ in procs.values():
+            await proc.stop()
+    return figures
+
+
+async def push(streams: int, rounds: int, log_dir: Path) -> dict[str, Any]:
+    """Each bare server's CPU a message, and the messages a second, when each of
+    ``streams`` open streams is handed ``rounds`` messages at once."""
+    figures: dict[str, Any] = {}
+    for kind in ("aio", "grpclib"):
+        proc, ports = await _start(f"bare-{kind}", log_dir, env={"BENCH_PUSH_ROUNDS": str(rounds)})
+        channels = [
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{ports['grpc_port']}", [("grpc.use_local_subchannel_pool", 1)]
+            )
+            for _ in range(max(1, streams // 100))
+        ]
+        try:
+            methods: list[grpc.aio.UnaryStreamMultiCallable[bytes, bytes]] = [
+                channel.unary_stream(STREAM_METHOD) for channel in channels
+            ]
+            calls = [methods[n % len(methods)](b"") for n in range(streams)]
+            firsts = await asyncio.gather(*(call.read() for call in calls))
+            if any(first != grpc_floor.HEARTBEAT for first in firsts):
+                raise RuntimeError(f"{kind}: a stream's first item was not a heartbeat")
+
+            async def drain(call: Any) -> int:
+                return sum([await call.read() == PUSHED for _ in range(rounds)])
+
+            cpu_before, started = proc.cpu(), time.monotonic()
+            proc.process.send_signal(signal.SIGUSR1)
+            received = sum(await asyncio.gather(*(drain(call) for call in calls)))
+            seconds, cpu = time.monotonic() - started, proc.cpu() - cpu_before
+            figures[kind] = {
+                "streams": streams,
+                "messages": streams * rounds,
+                "received": received,
+                "per_s": round(received / seconds, 1),
+                "server_cpu_us_per_message": round(cpu / max(received, 1) * 1e6, 1),
+            }
+        finally:
+            for channel in channels:
+                await channel.close()
+            await proc.stop()
+    return figures
+
+
+def _say(text: str) -> None:
+    print(f"[transports {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+async def run(sizes: Sizes, out: Path, quick: bool) -> dict[str, Any]:
+    # Each run's logs alone: the smoke test audits them all.
+    log_dir = REPO / "build" / ("bench-quick" if quick else "bench") / "transports-logs"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    results: dict[str, Any] = {
+        "quick": quick,
+        "python": sys.version.split()[0],
+        "grpcio": grpc.__version__,
+        "grpclib": _version("grpclib"),
+        "h2": _version("h2"),
+        "idle": {},
+    }
+    for count in sizes.idle_counts:
+        figures = await idle(count, log_dir)
+        results["idle"][str(count)] = figures
+        _say(
+            f"idle, {count} streams, KiB a stream: service on grpc.aio "
+            f"{figures['service_aio']['kib_per_stream']}, on grpclib "
+            f"{figures['service_grpclib']['kib_per_stream']}; floors: grpc.aio "
+            f"{figures['floor_aio']['kib_per_stream']}, grpclib "
+            f"{figures['floor_grpclib']['kib_per_stream']}"
+        )
+    results["unary"] = await unary(sizes.unary_calls, log_dir)
+    for kind, figures in results["unary"].items():
+        _say(
+            f"unary call on {kind}: p50 {figures['p50_ms']} ms, "
+            f"{figures['server_cpu_us_per_call']} µs of server CPU a call"
+        )
+    results["push"] = await push(sizes.push_streams, sizes.push_rounds, log_dir)
+    for kind, figures in results["push"].items():
+        _say(
+            f"push to {sizes.push_streams} streams on {kind}: {figures['per_s']} messages/s, "
+            f"{figures['server_cpu_us_per_message']} µs of server CPU a message"
+        )
+    _write(out / "transports.json", results)
+    _say(f"wrote {out / 'transports.json'}")
+    return results
+
+
+def _write(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 1 and argv[0] in SERVERS:
+        asyncio.run(SERVERS[argv[0]]())
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m bench.transports", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
+    args = parser.parse_args(argv)
+    asyncio.run(run(QUICK if args.quick else FULL, args.out, args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
