@@ -15,7 +15,8 @@ this one for the rest.
   answering a pre-built reply (the gRPC hop that SendMessage adds to a post to Brevo), and
   each server's CPU a call;
 - **push**: each server's CPU a message when each of its open streams is handed messages
-  at once (the hop under section 1's webhook -> stream rate), and the messages a second.
+  at once (the hop under section 1's webhook -> stream rate), and the messages a second;
+  the two servers taking turns, three times each.
 
 Prints each figure as it comes and writes ``transports.json`` to DIR (default
 ``docs/bench``). ``--quick``: small sizes, the smoke run of ``make test``; its figures mean
@@ -79,10 +80,17 @@ class Sizes:
     unary_calls: int
     push_streams: int
     push_rounds: int
+    push_turns: int
 
 
-FULL = Sizes(idle_counts=(1_000, 10_000), unary_calls=3_000, push_streams=1_000, push_rounds=20)
-QUICK = Sizes(idle_counts=(100,), unary_calls=100, push_streams=50, push_rounds=4)
+FULL = Sizes(
+    idle_counts=(1_000, 10_000),
+    unary_calls=3_000,
+    push_streams=1_000,
+    push_rounds=20,
+    push_turns=3,
+)
+QUICK = Sizes(idle_counts=(100,), unary_calls=100, push_streams=50, push_rounds=4, push_turns=2)
 
 
 class _Raw(CodecBase):
@@ -344,46 +352,59 @@ async def unary(calls: int, log_dir: Path) -> dict[str, Any]:
     return figures
 
 
-async def push(streams: int, rounds: int, log_dir: Path) -> dict[str, Any]:
+async def push(streams: int, rounds: int, turns: int, log_dir: Path) -> dict[str, Any]:
     """Each bare server's CPU a message, and the messages a second, when each of
-    ``streams`` open streams is handed ``rounds`` messages at once."""
-    figures: dict[str, Any] = {}
-    for kind in ("aio", "grpclib"):
-        proc, ports = await _start(f"bare-{kind}", log_dir, env={"BENCH_PUSH_ROUNDS": str(rounds)})
-        channels = [
-            grpc.aio.insecure_channel(
-                f"127.0.0.1:{ports['grpc_port']}", [("grpc.use_local_subchannel_pool", 1)]
-            )
-            for _ in range(max(1, streams // 100))
-        ]
-        try:
-            methods: list[grpc.aio.UnaryStreamMultiCallable[bytes, bytes]] = [
-                channel.unary_stream(STREAM_METHOD) for channel in channels
+    ``streams`` open streams is handed ``rounds`` messages at once; ``turns`` times a
+    server, the two taking turns (both with their streams open), so that a noisy neighbour
+    strikes them alike."""
+    env = {"BENCH_PUSH_ROUNDS": str(rounds)}
+    procs = {kind: await _start(f"bare-{kind}", log_dir, env=env) for kind in ("aio", "grpclib")}
+    channels: list[grpc.aio.Channel] = []
+    try:
+        calls: dict[str, list[Any]] = {}
+        for kind, (_, ports) in procs.items():
+            opened = [
+                grpc.aio.insecure_channel(
+                    f"127.0.0.1:{ports['grpc_port']}", [("grpc.use_local_subchannel_pool", 1)]
+                )
+                for _ in range(max(1, streams // 100))
             ]
-            calls = [methods[n % len(methods)](b"") for n in range(streams)]
-            firsts = await asyncio.gather(*(call.read() for call in calls))
+            channels += opened
+            methods: list[grpc.aio.UnaryStreamMultiCallable[bytes, bytes]] = [
+                channel.unary_stream(STREAM_METHOD) for channel in opened
+            ]
+            calls[kind] = [methods[n % len(methods)](b"") for n in range(streams)]
+            firsts = await asyncio.gather(*(call.read() for call in calls[kind]))
             if any(first != grpc_floor.HEARTBEAT for first in firsts):
                 raise RuntimeError(f"{kind}: a stream's first item was not a heartbeat")
 
-            async def drain(call: Any) -> int:
-                return sum([await call.read() == PUSHED for _ in range(rounds)])
+        async def drain(call: Any) -> int:
+            return sum([await call.read() == PUSHED for _ in range(rounds)])
 
-            cpu_before, started = proc.cpu(), time.monotonic()
-            proc.process.send_signal(signal.SIGUSR1)
-            received = sum(await asyncio.gather(*(drain(call) for call in calls)))
-            seconds, cpu = time.monotonic() - started, proc.cpu() - cpu_before
-            figures[kind] = {
+        spent = {kind: [0, 0.0, 0.0] for kind in procs}  # received, seconds, CPU seconds
+        for _ in range(turns):
+            for kind, (proc, _) in procs.items():
+                cpu_before, started = proc.cpu(), time.monotonic()
+                proc.process.send_signal(signal.SIGUSR1)
+                received = sum(await asyncio.gather(*(drain(call) for call in calls[kind])))
+                spent[kind][0] += received
+                spent[kind][1] += time.monotonic() - started
+                spent[kind][2] += proc.cpu() - cpu_before
+        return {
+            kind: {
                 "streams": streams,
-                "messages": streams * rounds,
-                "received": received,
+                "messages": streams * rounds * turns,
+                "received": int(received),
                 "per_s": round(received / seconds, 1),
                 "server_cpu_us_per_message": round(cpu / max(received, 1) * 1e6, 1),
             }
-        finally:
-            for channel in channels:
-                await channel.close()
+            for kind, (received, seconds, cpu) in spent.items()
+        }
+    finally:
+        for channel in channels:
+            await channel.close()
+        for proc, _ in procs.values():
             await proc.stop()
-    return figures
 
 
 def _say(text: str) -> None:
@@ -418,7 +439,7 @@ async def run(sizes: Sizes, out: Path, quick: bool) -> dict[str, Any]:
             f"unary call on {kind}: p50 {figures['p50_ms']} ms, "
             f"{figures['server_cpu_us_per_call']} µs of server CPU a call"
         )
-    results["push"] = await push(sizes.push_streams, sizes.push_rounds, log_dir)
+    results["push"] = await push(sizes.push_streams, sizes.push_rounds, sizes.push_turns, log_dir)
     for kind, figures in results["push"].items():
         _say(
             f"push to {sizes.push_streams} streams on {kind}: {figures['per_s']} messages/s, "

@@ -188,5 +188,5 @@ def test_the_transports_comparison_measures_both_servers_on_every_count(tmp_path
         assert results["unary"][kind]["calls"] == 100
         assert results["unary"][kind]["p50_ms"] > 0
         # Every pushed message arrived, and was the one pushed (drain() compares bytes).
-        assert results["push"][kind]["messages"] == 50 * 4
-        assert results["push"][kind]["received"] == 50 * 4
+        assert results["push"][kind]["messages"] == 50 * 4 * 2
+        assert results["push"][kind]["received"] == 50 * 4 * 2
