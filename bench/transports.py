@@ -22,8 +22,8 @@ Prints each figure as it comes and writes ``transports.json`` to DIR (default
 ``docs/bench``). ``--quick``: small sizes, the smoke run of ``make test``; its figures mean
 nothing. ``python -m bench.transports KIND`` is one of its servers (``service``,
 ``grpclib-floor``, ``bare-aio``, ``bare-grpclib``): it prints its ports as one JSON line
-and serves until killed; a bare server sends each of its streams ``BENCH_PUSH_ROUNDS`` messages on
-SIGUSR1.
+and serves until killed; a bare server sends each of its streams ``BENCH_PUSH_ROUNDS``
+messages on SIGUSR1.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +50,18 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
 
 from bench import grpc_floor
+from bench.micro import post_in_process, sandbox_config
 from bench.processes import REPO, Proc, start_json_server
-from bench.scenarios import idle_streams
+from bench.scenarios import fragment, idle_streams
+from gateway.app import create_gateway
+from service.__main__ import tune_garbage_collector
+from service.app import start_service
+from service.core import errors
+from service.core.access import TokenSet
+from service.core.handoffs import StartRequest
+from service.core.models import Heartbeat, StoredEvent
+from service.metrics import Metrics
+from service.rpc import convert
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 
 HANDOFF_SERVICE = "handoff.v1.HandoffService"
@@ -111,20 +121,19 @@ class _Raw(CodecBase):
 class _GrpclibStreams:
     """``StreamAgentReplies`` on grpclib, as the servicer serves it on ``grpc.aio``: the
     core's events, converted. Only what the measure needs: a refused request ends the
-    stream with UNAVAILABLE and the core's reason."""
+    stream with UNAVAILABLE and the core's reason. The request is let go once read (on
+    grpc.aio, grpc.aio's own frame holds it for as long as the stream is open)."""
 
-    def __init__(self, events: Callable[[str, str], Any]) -> None:
+    def __init__(
+        self, events: Callable[[str, str], Awaitable[AsyncIterator[StoredEvent | Heartbeat]]]
+    ) -> None:
         self._events = events
 
     async def stream(self, stream: Stream[bytes, bytes]) -> None:
-        from service.core import errors
-        from service.core.models import Heartbeat
-        from service.rpc import convert
-
         raw = await stream.recv_message()
         request = pb.StreamAgentRepliesRequest.FromString(raw or b"")
         try:
-            items: AsyncIterator[Any] = await self._events(request.handoff_id, request.after_cursor)
+            items = await self._events(request.handoff_id, request.after_cursor)
         except errors.HandoffError as exc:
             raise GRPCError(Status.UNAVAILABLE, str(exc)) from exc
         del request
@@ -151,19 +160,13 @@ async def _grpclib_server(handlers: Sequence[Any]) -> tuple[Server, int]:
 
 
 async def _serve_service() -> None:
-    """The service as ``python -m service`` starts it (the built-in sandbox, SQLite in a
-    new folder), IDLE_HANDOFFS handoffs of one agent message each, and the grpclib server
-    beside its own, on the same core."""
-    from bench.micro import post_in_process, sandbox_config
-    from bench.scenarios import fragment
-    from gateway.app import create_gateway
-    from service.app import start_service
-    from service.core.access import TokenSet
-    from service.core.handoffs import StartRequest
-    from service.metrics import Metrics
-
+    """The service started as ``python -m service`` starts it (its garbage collector tuned
+    the same way), on the built-in sandbox and SQLite in a new folder; IDLE_HANDOFFS
+    handoffs of one agent message each; and the grpclib server beside its own, on the same
+    core."""
     folder = tempfile.mkdtemp(prefix="bench-transports-")
     running = await start_service(sandbox_config(Path(folder) / "transports.db"))
+    tune_garbage_collector()
     route = create_gateway(running.manager, TokenSet(["bench"]), 1 << 20, Metrics())
     ids: list[str] = []
     statuses: list[int] = []
