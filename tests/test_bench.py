@@ -38,20 +38,23 @@ def _run_quick(module: str, out: Path, timeout_s: float) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def _audit_logs(label: str, folder: Path, expected: set[str]) -> None:
+    """The logs in ``folder``, at least those ``expected`` (by name), into the log audit."""
+    logs = sorted(folder.glob("*.log"))
+    assert {p.stem for p in logs} >= expected
+    for log in logs:
+        audit_output(f"{label} {log.stem}", log.read_text(errors="replace"))
+
+
 @pytest.mark.timeout(300)
 def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) -> None:
     _run_quick("bench", tmp_path, timeout_s=280)
-    # Every process the bench started logged to build/bench-quick/logs: into the log audit.
-    logs = sorted((REPO / "build" / "bench-quick" / "logs").glob("*.log"))
-    assert {p.stem for p in logs} >= {
-        "standin",
-        "bare",
-        "floor-100",
-        "service-sqlite",
-        "service-redis-a",
-    }
-    for log in logs:
-        audit_output(f"bench {log.stem}", log.read_text(errors="replace"))
+    # Every process the bench started logged to build/bench-quick/logs.
+    _audit_logs(
+        "bench",
+        REPO / "build" / "bench-quick" / "logs",
+        {"standin", "bare", "floor-100", "service-sqlite", "service-redis-a"},
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["quick"] is True
 
@@ -159,18 +162,12 @@ def test_the_transports_comparison_measures_both_servers_on_every_count(tmp_path
     """``python -m bench.transports --quick``: the service's stream on grpc.aio and on
     grpclib, each transport's floor, a unary call and pushed messages, all over loopback."""
     _run_quick("bench.transports", tmp_path, timeout_s=220)
-    # Every process it started logged to build/bench-quick/transports-logs, emptied first:
-    # into the log audit.
-    logs = sorted((REPO / "build" / "bench-quick" / "transports-logs").glob("*.log"))
-    assert {p.stem for p in logs} >= {
-        "service-aio-100",
-        "service-grpclib-100",
-        "grpclib-floor-100",
-        "bare-aio",
-        "bare-grpclib",
-    }
-    for log in logs:
-        audit_output(f"bench.transports {log.stem}", log.read_text(errors="replace"))
+    # Every process it started logged to build/bench-quick/transports-logs, emptied first.
+    _audit_logs(
+        "bench.transports",
+        REPO / "build" / "bench-quick" / "transports-logs",
+        {"service-aio-100", "service-grpclib-100", "grpclib-floor-100", "bare-aio", "bare-grpclib"},
+    )
     results = json.loads((tmp_path / "transports.json").read_text())
     assert results["quick"] is True
     assert results["grpcio"] == grpc.__version__
