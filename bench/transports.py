@@ -8,12 +8,15 @@ this one for the rest.
   section 4 of ``make bench`` measures it on a new service process: the service's own
   stream (the core's ``HandoffManager.events`` and the servicer's conversions, on ten
   handoffs of one agent message each, which each stream replays first) served by
-  ``grpc.aio`` (the service's own server) and by grpclib (``_GrpclibStreams`` below: the
+  ``grpc.aio`` (the service's own server) and by grpclib (``_GrpclibHandoffs`` below: the
   servicer's stream loop, nothing more), each in a new process; and each transport's floor,
   a server keeping nothing for a stream (``bench/grpc_floor.py`` for ``grpc.aio``);
 - **unary**: a unary call's p50, one call at a time, the two servers taking turns, each
   answering a pre-built reply (the gRPC hop that SendMessage adds to a post to Brevo), and
   each server's CPU a call;
+- **send**: the service's ``SendMessage`` on each (``_GrpclibHandoffs`` again on grpclib),
+  both in one new service process whose Brevo is the built-in sandbox: p50, one call at a
+  time, the two taking turns, and the process's CPU a call;
 - **push**: each server's CPU a message when each of its open streams is handed messages
   at once (the hop under section 1's webhook -> stream rate), and the messages a second;
   the two servers taking turns, three times each.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -38,7 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,8 +62,8 @@ from service.__main__ import tune_garbage_collector
 from service.app import start_service
 from service.core import errors
 from service.core.access import TokenSet
-from service.core.handoffs import StartRequest
-from service.core.models import Heartbeat, StoredEvent
+from service.core.handoffs import HandoffManager, StartRequest
+from service.core.models import Heartbeat
 from service.metrics import Metrics
 from service.rpc import convert
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
@@ -67,6 +71,7 @@ from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 HANDOFF_SERVICE = "handoff.v1.HandoffService"
 STREAM_METHOD = f"/{HANDOFF_SERVICE}/StreamAgentReplies"
 UNARY_METHOD = f"/{HANDOFF_SERVICE}/GetHandoff"
+SEND_METHOD = f"/{HANDOFF_SERVICE}/SendMessage"
 # What a bare server answers: a GetHandoff reply, and an agent message as a stream's item.
 UNARY_REPLY = pb.GetHandoffResponse(
     handoff=pb.Handoff(id="bare", conversation_id="bare", visitor_id="bare")
@@ -82,12 +87,14 @@ PUSHED = pb.StreamAgentRepliesResponse(
     )
 ).SerializeToString()
 IDLE_HANDOFFS = 10
+SEND_BLOCK = 50  # SendMessage calls on one transport before the other's turn
 
 
 @dataclass(frozen=True)
 class Sizes:
     idle_counts: tuple[int, ...]
     unary_calls: int
+    send_calls: int
     push_streams: int
     push_rounds: int
     push_turns: int
@@ -96,11 +103,19 @@ class Sizes:
 FULL = Sizes(
     idle_counts=(1_000, 10_000),
     unary_calls=3_000,
+    send_calls=2_000,
     push_streams=1_000,
     push_rounds=20,
     push_turns=3,
 )
-QUICK = Sizes(idle_counts=(100,), unary_calls=100, push_streams=50, push_rounds=4, push_turns=2)
+QUICK = Sizes(
+    idle_counts=(100,),
+    unary_calls=100,
+    send_calls=100,
+    push_streams=50,
+    push_rounds=4,
+    push_turns=2,
+)
 
 
 class _Raw(CodecBase):
@@ -118,22 +133,22 @@ class _Raw(CodecBase):
 # --- the servers -------------------------------------------------------------------------
 
 
-class _GrpclibStreams:
-    """``StreamAgentReplies`` on grpclib, as the servicer serves it on ``grpc.aio``: the
-    core's events, converted. Only what the measure needs: a refused request ends the
-    stream with UNAVAILABLE and the core's reason. The request is let go once read (on
-    grpc.aio, grpc.aio's own frame holds it for as long as the stream is open)."""
+class _GrpclibHandoffs:
+    """``StreamAgentReplies`` and ``SendMessage`` on grpclib, as the servicer serves them on
+    ``grpc.aio``: the core's calls, converted. Only what the measures need: a refused
+    request ends the call with UNAVAILABLE and the core's reason; neither the servicer's
+    count of calls in flight nor the malformed-request checks are here. A stream lets its
+    request go once read (on grpc.aio, grpc.aio's own frame holds it for as long as the
+    stream is open)."""
 
-    def __init__(
-        self, events: Callable[[str, str], Awaitable[AsyncIterator[StoredEvent | Heartbeat]]]
-    ) -> None:
-        self._events = events
+    def __init__(self, manager: HandoffManager) -> None:
+        self._manager = manager
 
     async def stream(self, stream: Stream[bytes, bytes]) -> None:
         raw = await stream.recv_message()
         request = pb.StreamAgentRepliesRequest.FromString(raw or b"")
         try:
-            items = await self._events(request.handoff_id, request.after_cursor)
+            items = await self._manager.events(request.handoff_id, request.after_cursor)
         except errors.HandoffError as exc:
             raise GRPCError(Status.UNAVAILABLE, str(exc)) from exc
         del request
@@ -147,8 +162,28 @@ class _GrpclibStreams:
                 await stream.send_message(convert.reply_out(item).SerializeToString())
             del item
 
+    async def send_message(self, stream: Stream[bytes, bytes]) -> None:
+        raw = await stream.recv_message()
+        request = pb.SendMessageRequest.FromString(raw or b"")
+        try:
+            result = await self._manager.send(
+                request.handoff_id,
+                request.client_message_id,
+                request.text,
+                convert.attachments_in(list(request.attachments)),
+            )
+        except errors.HandoffError as exc:
+            raise GRPCError(Status.UNAVAILABLE, str(exc)) from exc
+        reply = pb.SendMessageResponse(
+            brevo_message_id=result.brevo_message_id, duplicate=result.duplicate
+        )
+        await stream.send_message(reply.SerializeToString())
+
     def __mapping__(self) -> dict[str, Handler]:
-        return {STREAM_METHOD: Handler(self.stream, Cardinality.UNARY_STREAM, bytes, bytes)}
+        return {
+            STREAM_METHOD: Handler(self.stream, Cardinality.UNARY_STREAM, bytes, bytes),
+            SEND_METHOD: Handler(self.send_message, Cardinality.UNARY_UNARY, bytes, bytes),
+        }
 
 
 async def _grpclib_server(handlers: Sequence[Any]) -> tuple[Server, int]:
@@ -177,7 +212,7 @@ async def _serve_service() -> None:
         statuses.append(await post_in_process(route, "/webhooks/brevo/bench", body))
     if statuses != [200] * IDLE_HANDOFFS:
         raise RuntimeError(f"the idle handoffs' messages were answered {statuses}")
-    _, grpclib_port = await _grpclib_server([_GrpclibStreams(running.manager.events)])
+    _, grpclib_port = await _grpclib_server([_GrpclibHandoffs(running.manager)])
     print(
         json.dumps({"aio": running.grpc.port, "grpclib": grpclib_port, "handoffs": ids}),
         flush=True,
@@ -355,6 +390,59 @@ async def unary(calls: int, log_dir: Path) -> dict[str, Any]:
     return figures
 
 
+async def send(calls: int, log_dir: Path) -> dict[str, Any]:
+    """The service's ``SendMessage`` on each transport, both served by one new service
+    process (Brevo the built-in sandbox, answering at once, in that process too): one call
+    at a time, in blocks of SEND_BLOCK calls taking turns; each one's p50 and the process's
+    CPU a call."""
+    proc, ports = await _start("service", log_dir, name="service-send")
+    kinds = ("aio", "grpclib")
+    channels = {kind: grpc.aio.insecure_channel(f"127.0.0.1:{ports[kind]}") for kind in kinds}
+    try:
+        methods: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {
+            kind: channel.unary_unary(SEND_METHOD) for kind, channel in channels.items()
+        }
+        handoffs: list[str] = ports["handoffs"]
+        numbers = itertools.count()
+
+        async def one(kind: str) -> int:
+            n = next(numbers)
+            request = pb.SendMessageRequest(
+                handoff_id=handoffs[n % len(handoffs)],
+                client_message_id=f"bench-send-{n}",
+                text="a question for the agent",
+            ).SerializeToString()
+            started = time.perf_counter_ns()
+            reply = pb.SendMessageResponse.FromString(await methods[kind](request))
+            elapsed = time.perf_counter_ns() - started
+            if not reply.brevo_message_id or reply.duplicate:
+                raise RuntimeError(f"{kind}: SendMessage answered {reply}")
+            return elapsed
+
+        for kind in kinds:  # connected and warm
+            for _ in range(SEND_BLOCK):
+                await one(kind)
+        latencies: dict[str, list[int]] = {kind: [] for kind in kinds}
+        cpu = dict.fromkeys(kinds, 0.0)
+        for _ in range(max(1, calls // SEND_BLOCK)):
+            for kind in kinds:
+                before = proc.cpu()
+                latencies[kind] += [await one(kind) for _ in range(SEND_BLOCK)]
+                cpu[kind] += proc.cpu() - before
+        return {
+            kind: {
+                "calls": len(latencies[kind]),
+                "p50_ms": round(statistics.median(latencies[kind]) / 1e6, 3),
+                "server_cpu_us_per_call": round(cpu[kind] / len(latencies[kind]) * 1e6, 1),
+            }
+            for kind in kinds
+        }
+    finally:
+        for channel in channels.values():
+            await channel.close()
+        await proc.stop()
+
+
 async def push(streams: int, rounds: int, turns: int, log_dir: Path) -> dict[str, Any]:
     """Each bare server's CPU a message, and the messages a second, when each of
     ``streams`` open streams is handed ``rounds`` messages at once; ``turns`` times a
@@ -441,6 +529,12 @@ async def run(sizes: Sizes, out: Path, quick: bool) -> dict[str, Any]:
         _say(
             f"unary call on {kind}: p50 {figures['p50_ms']} ms, "
             f"{figures['server_cpu_us_per_call']} µs of server CPU a call"
+        )
+    results["send"] = await send(sizes.send_calls, log_dir)
+    for kind, figures in results["send"].items():
+        _say(
+            f"the service's SendMessage on {kind}: p50 {figures['p50_ms']} ms, "
+            f"{figures['server_cpu_us_per_call']} µs of the process's CPU a call"
         )
     results["push"] = await push(sizes.push_streams, sizes.push_rounds, sizes.push_turns, log_dir)
     for kind, figures in results["push"].items():

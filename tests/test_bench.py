@@ -160,13 +160,21 @@ def test_ports_handed_to_processes_lie_below_the_ephemeral_range_and_never_repea
 @pytest.mark.timeout(240)
 def test_the_transports_comparison_measures_both_servers_on_every_count(tmp_path: Path) -> None:
     """``python -m bench.transports --quick``: the service's stream on grpc.aio and on
-    grpclib, each transport's floor, a unary call and pushed messages, all over loopback."""
+    grpclib, each transport's floor, a unary call, the service's SendMessage and pushed
+    messages, all over loopback."""
     _run_quick("bench.transports", tmp_path, timeout_s=220)
     # Every process it started logged to build/bench-quick/transports-logs, emptied first.
     _audit_logs(
         "bench.transports",
         REPO / "build" / "bench-quick" / "transports-logs",
-        {"service-aio-100", "service-grpclib-100", "grpclib-floor-100", "bare-aio", "bare-grpclib"},
+        {
+            "service-aio-100",
+            "service-grpclib-100",
+            "service-send",
+            "grpclib-floor-100",
+            "bare-aio",
+            "bare-grpclib",
+        },
     )
     results = json.loads((tmp_path / "transports.json").read_text())
     assert results["quick"] is True
@@ -183,6 +191,9 @@ def test_the_transports_comparison_measures_both_servers_on_every_count(tmp_path
     assert (idle["floor_aio"]["requested"], idle["floor_aio"]["streams"]) == (100, 100)
     for kind in ("aio", "grpclib"):
         assert results["unary"][kind]["calls"] == 100
+        # Every SendMessage reached the sandbox (send() checks each answer's message id).
+        assert results["send"][kind]["calls"] == 100
+        assert results["send"][kind]["p50_ms"] > 0
         assert results["unary"][kind]["p50_ms"] > 0
         # Every pushed message arrived, and was the one pushed (drain() compares bytes).
         assert results["push"][kind]["messages"] == 50 * 4 * 2
