@@ -51,8 +51,9 @@ GRPCIO_VERSIONS ?= 1.49.1 1.51.3 1.53.2 1.54.3 1.60.2 1.62.3 1.70.0 1.78.0 1.85.
 bench-grpc-floor:
 	FLOOR_ARGS="$(FLOOR_ARGS)" scripts/grpc-floor-versions.sh $(GRPCIO_VERSIONS)
 
-## bench-transports: the service's idle stream, a unary call and pushed messages on grpc.aio
-## beside grpclib (python -m bench.transports; a few minutes; writes docs/bench/transports.json)
+## bench-transports: the service's idle stream and SendMessage, a bare unary call and pushed
+## messages, on grpc.aio beside grpclib (python -m bench.transports; about two minutes;
+## writes docs/bench/transports.json)
 bench-transports: $(STUBS)
 	$(BIN)/python -m bench.transports $(TRANSPORTS_ARGS)
 
