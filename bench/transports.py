@@ -40,7 +40,6 @@ import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from grpclib.server import Server, Stream
 
 from bench import grpc_floor
 from bench.micro import post_in_process, sandbox_config
-from bench.processes import REPO, Proc, start_json_server
+from bench.processes import REPO, Proc, free_port, start_json_server
 from bench.scenarios import fragment, idle_streams
 from gateway.app import create_gateway
 from service.__main__ import tune_garbage_collector
@@ -188,19 +187,17 @@ class _GrpclibHandoffs:
 
 async def _grpclib_server(handlers: Sequence[Any]) -> tuple[Server, int]:
     server = Server(list(handlers), codec=_Raw())
-    await server.start("127.0.0.1", 0)
-    listening = server._server
-    assert isinstance(listening, asyncio.Server)  # grpclib's, from loop.create_server
-    return server, int(listening.sockets[0].getsockname()[1])
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    return server, port
 
 
 async def _serve_service() -> None:
     """The service started as ``python -m service`` starts it (its garbage collector tuned
-    the same way), on the built-in sandbox and SQLite in a new folder; IDLE_HANDOFFS
+    the same way), on the built-in sandbox and SQLite at ``BENCH_TRANSPORTS_DB``; IDLE_HANDOFFS
     handoffs of one agent message each; and the grpclib server beside its own, on the same
     core."""
-    folder = tempfile.mkdtemp(prefix="bench-transports-")
-    running = await start_service(sandbox_config(Path(folder) / "transports.db"))
+    running = await start_service(sandbox_config(Path(os.environ["BENCH_TRANSPORTS_DB"])))
     tune_garbage_collector()
     route = create_gateway(running.manager, TokenSet(["bench"]), 1 << 20, Metrics())
     ids: list[str] = []
@@ -315,10 +312,12 @@ SERVERS: dict[str, Callable[[], Any]] = {
 async def _start(
     kind: str, log_dir: Path, env: dict[str, str] | None = None, name: str | None = None
 ) -> tuple[Proc, dict[str, Any]]:
-    """This module's server ``kind``, logging as ``name`` (default: ``kind``)."""
-    return await start_json_server(
-        name or kind, log_dir, kind=kind, env=env, module="bench.transports"
-    )
+    """This module's server ``kind``, logging as ``name`` (default: ``kind``); a service
+    keeps its SQLite file beside its log (``run`` empties the folder first)."""
+    name = name or kind
+    if kind == "service":
+        env = {**(env or {}), "BENCH_TRANSPORTS_DB": str(log_dir / f"{name}.db")}
+    return await start_json_server(name, log_dir, kind=kind, env=env, module="bench.transports")
 
 
 async def idle(count: int, log_dir: Path) -> dict[str, Any]:
@@ -352,11 +351,11 @@ async def unary(calls: int, log_dir: Path) -> dict[str, Any]:
     """A unary call's p50 on each bare server, one call at a time, taking turns; and each
     server's CPU a call."""
     procs = {kind: await _start(f"bare-{kind}", log_dir) for kind in ("aio", "grpclib")}
+    channels = {
+        kind: grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc_port']}")
+        for kind, (_, ports) in procs.items()
+    }
     try:
-        channels = {
-            kind: grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc_port']}")
-            for kind, (_, ports) in procs.items()
-        }
         methods: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {
             kind: channel.unary_unary(UNARY_METHOD) for kind, channel in channels.items()
         }
@@ -372,7 +371,7 @@ async def unary(calls: int, log_dir: Path) -> dict[str, Any]:
                 latencies[kind].append(time.perf_counter_ns() - started)
                 if reply != UNARY_REPLY:
                     raise RuntimeError(f"{kind} answered {reply!r}")
-        figures = {
+        return {
             kind: {
                 "calls": calls,
                 "p50_ms": round(statistics.median(latencies[kind]) / 1e6, 3),
@@ -382,12 +381,11 @@ async def unary(calls: int, log_dir: Path) -> dict[str, Any]:
             }
             for kind in methods
         }
+    finally:
         for channel in channels.values():
             await channel.close()
-    finally:
         for proc, _ in procs.values():
             await proc.stop()
-    return figures
 
 
 async def send(calls: int, log_dir: Path) -> dict[str, Any]:
