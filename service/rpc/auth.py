@@ -58,6 +58,22 @@ def _denied(
     return grpc.stream_stream_rpc_method_handler(refuse_stream, deserialize, serialize)
 
 
+def refusal(tokens: TokenSet, method: str, authorization: str) -> str | None:
+    """Why a call to ``method`` with that ``authorization`` value is refused, or None.
+
+    Shared by both gRPC servers (grpc.aio's interceptor below, and grpclib's adapter)."""
+    if method.startswith(OPEN_PREFIXES):
+        return None
+    token = bearer_token(authorization)
+    if token is None:
+        log.info("gRPC call to %s refused: no bearer token", method)
+        return MISSING
+    if not tokens.accepts(token):
+        log.warning("gRPC call to %s refused: bearer token not accepted", method)
+        return REFUSED
+    return None
+
+
 class BearerAuth(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: TokenSet) -> None:
         self._tokens = tokens
@@ -70,14 +86,11 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIXES):
+        if handler is None:
             return handler
-        token = bearer_token(_metadata_value(handler_call_details, "authorization"))
-        if token is None:
-            log.info("gRPC call to %s refused: no bearer token", method)
-            return _denied(handler, MISSING)
-        if not self._tokens.accepts(token):
-            log.warning("gRPC call to %s refused: bearer token not accepted", method)
-            return _denied(handler, REFUSED)
-        return handler
+        refused = refusal(
+            self._tokens,
+            handler_call_details.method,
+            _metadata_value(handler_call_details, "authorization"),
+        )
+        return handler if refused is None else _denied(handler, refused)

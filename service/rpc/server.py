@@ -25,15 +25,19 @@ HANDOFF_SERVICE = pb.DESCRIPTOR.services_by_name["HandoffService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 MAX_PENDING_CALLS = 20_000
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# Clients may ping every 10 s on idle connections without being sent GOAWAY.
+MIN_CLIENT_PING_INTERVAL_S = 10
+# Idle clients are pinged every 30 s so dead peers are noticed and streams released.
+KEEPALIVE_TIME_S = 30
+KEEPALIVE_TIMEOUT_S = 10
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
-    # Let clients ping every 10 s on idle connections without being sent GOAWAY.
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_S * 1000),
     ("grpc.keepalive_permit_without_calls", 1),
-    # Ping idle clients every 30 s so dead peers are noticed and streams released.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_S * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     # Fail to start rather than silently share the port with another process.
     ("grpc.so_reuseport", 0),
     # Calls that arrived but that the event loop has not taken up yet: by default gRPC
