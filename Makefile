@@ -6,7 +6,7 @@ DEPS   := $(VENV)/.deps-installed
 STUBS  := service/rpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run demo test lint typecheck unit proto stubs stub-tools redis bench bench-grpc-floor bench-transports micro profile clean
+.PHONY: run demo test lint typecheck unit unit-grpclib proto stubs stub-tools redis bench bench-grpc-floor bench-transports micro profile clean
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,8 +66,9 @@ micro: $(STUBS)
 profile: $(STUBS)
 	$(BIN)/python -m bench.profile $(PROFILE_ARGS)
 
-## test: lint, type-check and run every test
-test: lint typecheck unit
+## test: lint, type-check and run every test; then the tests of the gRPC contract again on
+## the other gRPC server (GRPC_SERVER=grpclib), on SQLite
+test: lint typecheck unit unit-grpclib
 
 lint: $(STUBS)
 	$(BIN)/ruff check .
@@ -80,6 +81,16 @@ typecheck: $(STUBS)
 
 unit: $(STUBS) redis stub-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# What the contract's callers see over the wire, from connection to status codes: every
+# test of these files that does not depend on the store, with the service on grpclib.
+GRPCLIB_TESTS := tests/test_rpc.py tests/test_drain.py tests/test_health.py \
+	tests/test_streams.py tests/test_resume.py tests/test_client_stubs.py \
+	tests/test_node_example.py tests/reliability/test_auth.py \
+	tests/reliability/test_fuzz_findings.py tests/reliability/test_slow_consumer.py \
+	tests/reliability/test_reconnect_burst.py tests/reliability/test_webhook_faults.py
+unit-grpclib: $(STUBS) redis stub-tools
+	GRPC_SERVER=grpclib $(BIN)/python -m pytest -k "not redis" $(GRPCLIB_TESTS)
 
 clean:
 	rm -rf $(VENV) service/rpc/generated .mypy_cache .ruff_cache .pytest_cache build

@@ -51,7 +51,8 @@ async def serve(config: Config) -> None:
             "service. Set it to require 'authorization: Bearer <token>'."
         )
     log.info(
-        "serving gRPC%s on %s:%d and Brevo webhooks on http://%s:%d/webhooks/brevo/<token>",
+        "serving gRPC (%s)%s on %s:%d and Brevo webhooks on http://%s:%d/webhooks/brevo/<token>",
+        "grpclib" if config.grpc_server == "grpclib" else "grpc.aio",
         (" over mutual TLS" if config.grpc_tls_client_ca else " over TLS")
         if config.grpc_tls_cert
         else "",

@@ -20,6 +20,7 @@ from service.core.inbound import ServiceIdentity
 from service.core.ports import HandoffStore, Locks
 from service.http_server import RunningHttpServer, start_http_server
 from service.metrics import Metrics
+from service.rpc.grpclib_server import GrpclibServer, create_grpclib_server
 from service.rpc.health import HealthReporter
 from service.rpc.server import GrpcServer, TlsSettings, create_server
 from service.storage.redis_store import RedisSettings, RedisStore, describe_url
@@ -41,7 +42,7 @@ class RunningService:
     manager: HandoffManager
     store: HandoffStore
     brevo: BrevoClient
-    grpc: GrpcServer
+    grpc: GrpcServer | GrpclibServer
     http: RunningHttpServer
     metrics: Metrics
     sandbox: BrevoSandbox | None = None
@@ -210,7 +211,8 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
                 exc,
             )
         try:
-            grpc_server = await create_server(
+            serve = create_grpclib_server if config.grpc_server == "grpclib" else create_server
+            grpc_server = await serve(
                 manager,
                 config.host,
                 config.grpc_port,
@@ -239,7 +241,7 @@ async def start_service(config: Config, *, retry: RetryPolicy | None = None) -> 
                 config.http_port,
             )
         except OSError as exc:
-            await grpc_server.server.stop(0)
+            await grpc_server.stop(0)
             raise StartupError(
                 f"cannot listen for webhooks on port {config.http_port}: {exc}"
             ) from None

@@ -67,12 +67,16 @@ class TextFormatter(logging.Formatter):
 
 
 def quiet_noisy_loggers() -> None:
-    """Silences the loggers that would write webhook URLs, token and all."""
+    """Silences the loggers that would write webhook URLs or headers, tokens and all."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     # uvicorn's access log is off, but it turns itself back on when this logger has a
     # handler anywhere up the tree (it asks hasHandlers()): never let it.
     logging.getLogger("uvicorn.access").disabled = True
+    # GRPC_SERVER=grpclib: h2 and hpack log every header at DEBUG (bearer tokens too), and
+    # grpclib a line per cancelled call at INFO.
+    for name in ("hpack", "h2", "grpclib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def configure_logging(level: str, secrets: Iterable[str], log_format: str = "json") -> None:

@@ -5,6 +5,7 @@ session's log audit when it ends."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -62,7 +63,13 @@ async def start_service_process(
         "-m",
         "service",
         cwd=ROOT,
-        env={**env, "HANDOFF_GRPC_PORT": str(grpc_port), "HANDOFF_HTTP_PORT": str(http_port)},
+        env={
+            # make test's second pass runs the suite on grpclib (GRPC_SERVER=grpclib)
+            "GRPC_SERVER": os.environ.get("GRPC_SERVER", "grpcio"),
+            **env,
+            "HANDOFF_GRPC_PORT": str(grpc_port),
+            "HANDOFF_HTTP_PORT": str(http_port),
+        },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

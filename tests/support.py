@@ -6,6 +6,7 @@ import asyncio
 import copy
 import inspect
 import json
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,8 @@ def make_config(folder: Path, *flags: str, sqlite_name: str = "handoff.db") -> C
             "0.05",
             "--heartbeat-seconds",
             "5",
+            "--grpc-server",
+            os.environ.get("GRPC_SERVER", "grpcio"),
             *flags,
         ],
         environ={},
