@@ -8,14 +8,14 @@ this one for the rest.
   section 4 of ``make bench`` measures it on a new service process: the service's own
   stream (the core's ``HandoffManager.events`` and the servicer's conversions, on ten
   handoffs of one agent message each, which each stream replays first) served by
-  ``grpc.aio`` (the service's own server) and by grpclib (``_GrpclibHandoffs`` below: the
-  servicer's stream loop, nothing more), each in a new process; and each transport's floor,
+  the service's two servers (``GRPC_SERVER=grpcio``, ``grpc.aio``, and ``GRPC_SERVER=grpclib``),
+  each in a new process; and each transport's floor,
   a server keeping nothing for a stream (``bench/grpc_floor.py`` for ``grpc.aio``);
 - **unary**: a unary call's p50, one call at a time, the two servers taking turns, each
   answering a pre-built reply (the gRPC hop that SendMessage adds to a post to Brevo), and
   each server's CPU a call;
-- **send**: the service's ``SendMessage`` on each (``_GrpclibHandoffs`` again on grpclib),
-  both in one new service process whose Brevo is the built-in sandbox: p50, one call at a
+- **send**: the service's ``SendMessage`` on each of its two servers, both in one new
+  service process whose Brevo is the built-in sandbox: p50, one call at a
   time, the two taking turns, and the process's CPU a call;
 - **push**: each server's CPU a message when each of its open streams is handed messages
   at once (the hop under section 1's webhook -> stream rate), and the messages a second;
@@ -47,9 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpclib.const import Cardinality, Handler, Status
+from grpclib.const import Cardinality, Handler
 from grpclib.encoding.base import CodecBase
-from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
 
 from bench import grpc_floor
@@ -59,13 +58,11 @@ from bench.scenarios import fragment, idle_streams
 from gateway.app import create_gateway
 from service.__main__ import tune_garbage_collector
 from service.app import start_service
-from service.core import errors
 from service.core.access import TokenSet
-from service.core.handoffs import HandoffManager, StartRequest
-from service.core.models import Heartbeat
+from service.core.handoffs import StartRequest
 from service.metrics import Metrics
-from service.rpc import convert
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
+from service.rpc.grpclib_server import create_grpclib_server
 
 HANDOFF_SERVICE = "handoff.v1.HandoffService"
 STREAM_METHOD = f"/{HANDOFF_SERVICE}/StreamAgentReplies"
@@ -132,59 +129,6 @@ class _Raw(CodecBase):
 # --- the servers -------------------------------------------------------------------------
 
 
-class _GrpclibHandoffs:
-    """``StreamAgentReplies`` and ``SendMessage`` on grpclib, as the servicer serves them on
-    ``grpc.aio``: the core's calls, converted. Only what the measures need: a refused
-    request ends the call with UNAVAILABLE and the core's reason; neither the servicer's
-    count of calls in flight nor the malformed-request checks are here. A stream lets its
-    request go once read (on grpc.aio, grpc.aio's own frame holds it for as long as the
-    stream is open)."""
-
-    def __init__(self, manager: HandoffManager) -> None:
-        self._manager = manager
-
-    async def stream(self, stream: Stream[bytes, bytes]) -> None:
-        raw = await stream.recv_message()
-        request = pb.StreamAgentRepliesRequest.FromString(raw or b"")
-        try:
-            items = await self._manager.events(request.handoff_id, request.after_cursor)
-        except errors.HandoffError as exc:
-            raise GRPCError(Status.UNAVAILABLE, str(exc)) from exc
-        del request
-        await stream.send_initial_metadata()
-        async for item in items:
-            if isinstance(item, Heartbeat):
-                await stream.send_message(
-                    convert.heartbeat_out(item.sent_at_ms).SerializeToString()
-                )
-            else:
-                await stream.send_message(convert.reply_out(item).SerializeToString())
-            del item
-
-    async def send_message(self, stream: Stream[bytes, bytes]) -> None:
-        raw = await stream.recv_message()
-        request = pb.SendMessageRequest.FromString(raw or b"")
-        try:
-            result = await self._manager.send(
-                request.handoff_id,
-                request.client_message_id,
-                request.text,
-                convert.attachments_in(list(request.attachments)),
-            )
-        except errors.HandoffError as exc:
-            raise GRPCError(Status.UNAVAILABLE, str(exc)) from exc
-        reply = pb.SendMessageResponse(
-            brevo_message_id=result.brevo_message_id, duplicate=result.duplicate
-        )
-        await stream.send_message(reply.SerializeToString())
-
-    def __mapping__(self) -> dict[str, Handler]:
-        return {
-            STREAM_METHOD: Handler(self.stream, Cardinality.UNARY_STREAM, bytes, bytes),
-            SEND_METHOD: Handler(self.send_message, Cardinality.UNARY_UNARY, bytes, bytes),
-        }
-
-
 async def _grpclib_server(handlers: Sequence[Any]) -> tuple[Server, int]:
     server = Server(list(handlers), codec=_Raw())
     port = free_port()
@@ -195,8 +139,8 @@ async def _grpclib_server(handlers: Sequence[Any]) -> tuple[Server, int]:
 async def _serve_service() -> None:
     """The service started as ``python -m service`` starts it (its garbage collector tuned
     the same way), on the built-in sandbox and SQLite at ``BENCH_TRANSPORTS_DB``; IDLE_HANDOFFS
-    handoffs of one agent message each; and the grpclib server beside its own, on the same
-    core."""
+    handoffs of one agent message each; and its grpclib server beside its grpc.aio one, on
+    the same core."""
     running = await start_service(sandbox_config(Path(os.environ["BENCH_TRANSPORTS_DB"])))
     tune_garbage_collector()
     route = create_gateway(running.manager, TokenSet(["bench"]), 1 << 20, Metrics())
@@ -209,9 +153,10 @@ async def _serve_service() -> None:
         statuses.append(await post_in_process(route, "/webhooks/brevo/bench", body))
     if statuses != [200] * IDLE_HANDOFFS:
         raise RuntimeError(f"the idle handoffs' messages were answered {statuses}")
-    _, grpclib_port = await _grpclib_server([_GrpclibHandoffs(running.manager)])
+    # The service's own grpclib server (GRPC_SERVER=grpclib) beside its grpc.aio one.
+    grpclib = await create_grpclib_server(running.manager, "127.0.0.1", 0)
     print(
-        json.dumps({"aio": running.grpc.port, "grpclib": grpclib_port, "handoffs": ids}),
+        json.dumps({"aio": running.grpc.port, "grpclib": grpclib.port, "handoffs": ids}),
         flush=True,
     )
     await asyncio.Event().wait()
