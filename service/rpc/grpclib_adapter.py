@@ -38,6 +38,11 @@ STOPPING = (
 )
 
 
+def status_error(code: grpc.StatusCode, details: str = "") -> GRPCError:
+    """grpclib's way of ending a call with ``code``."""
+    return GRPCError(Status(code.value[0]), details or None)
+
+
 class _Context:
     """What the servicers use of ``grpc.aio.ServicerContext``, over a grpclib stream."""
 
@@ -47,7 +52,7 @@ class _Context:
         self._stream = stream
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
-        raise GRPCError(Status(code.value[0]), details or None)
+        raise status_error(code, details)
 
     async def send_initial_metadata(self, metadata: Any) -> None:
         await self._stream.send_initial_metadata(metadata=tuple(metadata) or None)
@@ -103,6 +108,21 @@ def _authorize(stream: Stream[Any, Any], method: str, tokens: TokenSet | None) -
         raise GRPCError(Status.UNAUTHENTICATED, refused)
 
 
+async def read_request(
+    stream: Stream[Any, Any],
+    method: str,
+    request_type: type[Message],
+    tokens: TokenSet | None,
+    max_request_bytes: int,
+) -> Message:
+    """The one request of a call to ``method``, once its caller is authorized."""
+    _authorize(stream, method, tokens)
+    request = await receive(stream, request_type, max_request_bytes)
+    if request is None:
+        raise GRPCError(Status.INVALID_ARGUMENT, "request: the call carried no message")
+    return request
+
+
 _CARDINALITY = {
     (False, False): Cardinality.UNARY_UNARY,
     (False, True): Cardinality.UNARY_STREAM,
@@ -113,6 +133,25 @@ _CARDINALITY = {
 _Handle = Callable[[Stream[Any, Any]], Coroutine[Any, Any, None]]
 
 
+class EndsOnStop:
+    """``with`` it, a call that the server's stop cancels ends UNAVAILABLE, with a status the
+    client can act on (grpclib would end it without one). One per server, holding nothing
+    per call: an idle stream pays for no extra frame."""
+
+    __slots__ = ("_stopping",)
+
+    def __init__(self, stopping: asyncio.Event) -> None:
+        self._stopping = stopping
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        # Otherwise the client went away or its deadline passed: grpclib answers.
+        if kind is asyncio.CancelledError and self._stopping.is_set():
+            raise GRPCError(Status.UNAVAILABLE, STOPPING) from None
+
+
 def _handle(
     method: str,
     behaviour: Callable[..., Any],
@@ -120,13 +159,10 @@ def _handle(
     request_type: type[Message],
     tokens: TokenSet | None,
     max_request_bytes: int,
+    ends_on_stop: EndsOnStop,
 ) -> _Handle:
     async def one_request(stream: Stream[Any, Any]) -> Message:
-        _authorize(stream, method, tokens)
-        request = await receive(stream, request_type, max_request_bytes)
-        if request is None:
-            raise GRPCError(Status.INVALID_ARGUMENT, "request: the call carried no message")
-        return request
+        return await read_request(stream, method, request_type, tokens, max_request_bytes)
 
     async def requests(stream: Stream[Any, Any]) -> AsyncIterator[Message]:
         while (request := await receive(stream, request_type, max_request_bytes)) is not None:
@@ -135,61 +171,49 @@ def _handle(
     if cardinality is Cardinality.UNARY_UNARY:
 
         async def unary(stream: Stream[Any, Any]) -> None:
-            request = await one_request(stream)
-            await stream.send_message(await behaviour(request, _Context(stream)))
+            with ends_on_stop:
+                request = await one_request(stream)
+                await stream.send_message(await behaviour(request, _Context(stream)))
 
         return unary
 
     if cardinality is Cardinality.UNARY_STREAM and inspect.isasyncgenfunction(behaviour):
 
         async def server_stream(stream: Stream[Any, Any]) -> None:
-            request = await one_request(stream)
-            async for item in behaviour(request, _Context(stream)):
-                await stream.send_message(item)
-                del item  # not held while the stream waits for its next item
+            with ends_on_stop:
+                # The request goes straight to the servicer, which holds it: not here too.
+                async for item in behaviour(await one_request(stream), _Context(stream)):
+                    await stream.send_message(item)
+                    del item  # not held while the stream waits for its next item
 
         return server_stream
 
     if cardinality is Cardinality.UNARY_STREAM:  # writes through the context (health Watch)
 
         async def writing_stream(stream: Stream[Any, Any]) -> None:
-            request = await one_request(stream)
-            await behaviour(request, _Context(stream))
+            with ends_on_stop:
+                await behaviour(await one_request(stream), _Context(stream))
 
         return writing_stream
 
     if cardinality is Cardinality.STREAM_STREAM:
 
         async def bidirectional(stream: Stream[Any, Any]) -> None:
-            refused = _refusal(stream, method, tokens)
-            if refused is not None:
-                # grpclib resets a stream it ends with an error; a gRPC client still sending
-                # then reports INTERNAL rather than the status. So let it finish first.
-                async with asyncio.timeout(_REFUSED_DRAIN_S):
-                    async for _ in requests(stream):
-                        pass
-                raise GRPCError(Status.UNAUTHENTICATED, refused)
-            async for item in behaviour(requests(stream), _Context(stream)):
-                await stream.send_message(item)
+            with ends_on_stop:
+                refused = _refusal(stream, method, tokens)
+                if refused is not None:
+                    # grpclib resets a stream it ends with an error; a gRPC client still
+                    # sending then reports INTERNAL rather than the status: let it finish.
+                    async with asyncio.timeout(_REFUSED_DRAIN_S):
+                        async for _ in requests(stream):
+                            pass
+                    raise GRPCError(Status.UNAUTHENTICATED, refused)
+                async for item in behaviour(requests(stream), _Context(stream)):
+                    await stream.send_message(item)
 
         return bidirectional
 
     raise ValueError(f"{method}: {cardinality.name} methods are not served here")
-
-
-def _unavailable_when_stopping(handle: _Handle, stopping: asyncio.Event) -> _Handle:
-    """``handle``, ending its call UNAVAILABLE, with a status the client can act on, when the
-    server's stop cancels it (grpclib would end the call without one)."""
-
-    async def run(stream: Stream[Any, Any]) -> None:
-        try:
-            await handle(stream)
-        except asyncio.CancelledError:
-            if not stopping.is_set():
-                raise  # the client went away, or its deadline passed: grpclib answers
-            raise GRPCError(Status.UNAVAILABLE, STOPPING) from None
-
-    return run
 
 
 def servicer_handlers(
@@ -198,11 +222,9 @@ def servicer_handlers(
     *,
     tokens: TokenSet | None,
     max_request_bytes: int,
-    stopping: asyncio.Event,
+    ends_on_stop: EndsOnStop,
 ) -> dict[str, Handler]:
-    """grpclib's handlers for every method of ``service`` that ``servicer`` implements.
-
-    ``stopping``: set when the server begins to stop."""
+    """grpclib's handlers for every method of ``service`` that ``servicer`` implements."""
     handlers: dict[str, Handler] = {}
     for method in service.methods:
         name = f"/{service.full_name}/{method.name}"
@@ -215,9 +237,10 @@ def servicer_handlers(
             request_type,
             tokens,
             max_request_bytes,
+            ends_on_stop,
         )
         handlers[name] = Handler(
-            _unavailable_when_stopping(handle, stopping),
+            handle,
             cardinality,
             request_type,
             GetMessageClass(method.output_type),

@@ -13,7 +13,7 @@ import grpc
 
 from service.core import errors
 from service.core.handoffs import HandoffManager
-from service.core.models import Heartbeat
+from service.core.models import Heartbeat, StoredEvent
 from service.rpc import convert
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
 from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
@@ -57,13 +57,22 @@ def message_for(exc: errors.HandoffError) -> str:
     return text
 
 
-async def _abort_internal(context: grpc.aio.ServicerContext[Req, Resp], exc: Exception) -> None:
+def internal_error(exc: Exception) -> str:
+    """Logs an unexpected error under a reference; returns what the caller is told."""
     ref = secrets.token_hex(4)
     log.error("internal error ref=%s", ref, exc_info=exc)
-    await context.abort(
-        grpc.StatusCode.INTERNAL,
-        f"internal error (ref {ref}); retry, and report the ref if it persists",
-    )
+    return f"internal error (ref {ref}); retry, and report the ref if it persists"
+
+
+async def _abort_internal(context: grpc.aio.ServicerContext[Req, Resp], exc: Exception) -> None:
+    await context.abort(grpc.StatusCode.INTERNAL, internal_error(exc))
+
+
+def reply_item(item: Heartbeat | StoredEvent) -> pb.StreamAgentRepliesResponse:
+    """An item of a reply stream, as StreamAgentReplies sends it."""
+    if isinstance(item, Heartbeat):
+        return convert.heartbeat_out(item.sent_at_ms)
+    return convert.reply_out(item)
 
 
 class CallsInFlight:
@@ -195,10 +204,7 @@ class HandoffServicer(pb_grpc.HandoffServiceServicer):
             # a heartbeat away, so that the client (and any proxy) sees the stream open.
             await context.send_initial_metadata(())
             async for item in stream:
-                if isinstance(item, Heartbeat):
-                    yield convert.heartbeat_out(item.sent_at_ms)
-                else:
-                    yield convert.reply_out(item)
+                yield reply_item(item)
                 del item  # an idle stream holds nothing it sent (see HandoffManager._follow)
         except errors.HandoffError as exc:
             await context.abort(status_for(exc), message_for(exc))
