@@ -72,24 +72,33 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
 
         svc = await service("service-sqlite")
 
-        say("1. webhook -> stream, service (SQLite) and bare grpc.aio")
-        w2s = []
-        for count in sizes.stream_counts:
-            ids, visitors = await open_handoffs(svc, count, f"w2s{count}")
+        async def beside_bare(proc: ServiceProc, count: int, label: str) -> dict[str, Any]:
+            # The service (``label``) and the bare grpc.aio server, taking turns, on ``count``
+            # streams each.
+            ids, visitors = await open_handoffs(proc, count, f"w2s-{label}-{count}")
             ours, base = await webhook_to_stream(
                 [
-                    service_target(svc, ids, visitors, f"service-{count}"),
+                    service_target(proc, ids, visitors, f"{label}-{count}"),
                     bare_target(bare, bare_ports, count),
                 ],
                 sizes,
                 log_dir,
             )
-            w2s.append({"streams": count, "service": ours, "bare": base})
             say(
-                f"   {count} streams: service p50 {ours['p50_ms']} ms p99 {ours['p99_ms']} ms "
+                f"   {count} streams: {label} p50 {ours['p50_ms']} ms p99 {ours['p99_ms']} ms "
                 f"{ours['events_per_s']}/s; bare p50 {base['p50_ms']} ms {base['events_per_s']}/s"
             )
-        results["webhook_to_stream"] = w2s
+            return {"streams": count, "service": ours, "bare": base}
+
+        say("1. webhook -> stream, service (SQLite) and bare grpc.aio")
+        results["webhook_to_stream"] = [
+            await beside_bare(svc, count, "service") for count in sizes.stream_counts
+        ]
+        top = max(sizes.stream_counts)
+        say(f"1b. webhook -> stream at {top} streams, the service on grpclib and bare grpc.aio")
+        lib = await service("service-grpclib", GRPC_SERVER="grpclib")
+        results["webhook_to_stream_grpclib"] = await beside_bare(lib, top, "service-grpclib")
+        await lib.stop()
 
         say("2. webhook ingest, service (SQLite) and a bare Starlette route, taking turns")
         ids, visitors = await open_handoffs(svc, 50, "ingest")
@@ -135,10 +144,10 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
             ids = [f"idle-{n}" for n in range(10)]
             return await idle_streams(proc, target, ids, count, log_dir)
 
-        async def new_service_idle(count: int) -> dict[str, Any]:
+        async def new_service_idle(count: int, grpc_server: str) -> dict[str, Any]:
             # What a replica pays when the streams come to a new process (after a rollout,
             # say): no memory freed by earlier work to reuse, as for the floor.
-            fresh = await service(f"service-idle-{count}")
+            fresh = await service(f"service-idle-{grpc_server}-{count}", GRPC_SERVER=grpc_server)
             try:
                 ids = await idle_handoffs(fresh)
                 return await idle_streams(fresh, fresh.grpc_target, ids, count, log_dir)
@@ -147,7 +156,8 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
 
         for count in sizes.idle_counts:
             ours_idle = await idle_streams(svc, svc.grpc_target, idle_ids, count, log_dir)
-            ours_new_idle = await new_service_idle(count)
+            ours_new_idle = await new_service_idle(count, "grpcio")
+            ours_grpclib_idle = await new_service_idle(count, "grpclib")
             base_idle = await baseline_idle(bare, bare_ports, count)
             # A new floor for each count: what its streams cost a process that has kept
             # nothing from any before them.
@@ -161,13 +171,15 @@ async def run(sizes: Sizes, log_dir: Path) -> dict[str, Any]:
                     "streams": count,
                     "service": ours_idle,
                     "service_new": ours_new_idle,
+                    "service_new_grpclib": ours_grpclib_idle,
                     "bare": base_idle,
                     "floor": floor_idle,
                 }
             )
             say(
                 f"   {count}: service {ours_idle['kib_per_stream']} KiB/stream, "
-                f"{ours_new_idle['kib_per_stream']} on a new process; "
+                f"{ours_new_idle['kib_per_stream']} on a new process, "
+                f"{ours_grpclib_idle['kib_per_stream']} on a new one on grpclib; "
                 f"bare {base_idle['kib_per_stream']} KiB/stream; "
                 f"floor {floor_idle['kib_per_stream']} KiB/stream"
             )

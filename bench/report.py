@@ -23,6 +23,7 @@ def ratio(ours: float, base: float) -> float:
 IDLE_ROWS = (
     ("service", "service"),
     ("service_new", "service, new process"),
+    ("service_new_grpclib", "service on grpclib, new process"),
     ("bare", "bare"),
     ("floor", "floor"),
 )
@@ -57,6 +58,21 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
         f"{rate_ratio:.0%} ({ours['events_per_s']} vs {base['events_per_s']} events/s)",
         rate_ratio >= 0.5,
     )
+    lib = r["webhook_to_stream_grpclib"]
+    ours, base = lib["service"], lib["bare"]
+    lib_ratio = ratio(ours["events_per_s"], base["events_per_s"])
+    check(
+        f"GRPC_SERVER=grpclib: webhook -> stream p50 <= 5 ms and p99 <= 25 ms at "
+        f"{lib['streams']} streams",
+        f"p50 {ours['p50_ms']} ms, p99 {ours['p99_ms']} ms",
+        ours["p50_ms"] <= 5 and ours["p99_ms"] <= 25,
+    )
+    check(
+        f"GRPC_SERVER=grpclib: sustained >= 2,000 events/s and >= 50% of bare grpc.aio at "
+        f"{lib['streams']} streams",
+        f"{ours['events_per_s']} events/s, {lib_ratio:.0%} of {base['events_per_s']}",
+        ours["events_per_s"] >= 2000 and lib_ratio >= 0.5,
+    )
     ingest = r["ingest"]
     ingest_ratio = ratio(ingest["service"]["per_s"], ingest["bare"]["per_s"])
     check(
@@ -79,9 +95,15 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
         # Judged on a new process: what a replica pays when the streams come to it after a
         # rollout, and what the floor (a new process too) is measured on. The service that
         # served the sections before reuses memory they freed, the more so the fewer streams.
+        lib_kib = row["service_new_grpclib"]["kib_per_stream"]
+        check(
+            f"GRPC_SERVER=grpclib: <= 20 KiB per idle stream at {row['streams']}",
+            f"{lib_kib} KiB on a new service process on grpclib",
+            lib_kib <= 20,
+        )
         kib = row["service_new"]["kib_per_stream"]
         check(
-            f"<= 20 KiB per idle stream at {row['streams']}",
+            f"GRPC_SERVER=grpcio (the default): <= 20 KiB per idle stream at {row['streams']}",
             f"{kib} KiB on a new service process ({row['service']['kib_per_stream']} KiB on "
             "the one that served the sections before); a grpc.aio server keeping nothing for "
             f"a stream {row['floor']['kib_per_stream']} KiB, the bare grpc.aio server "
@@ -89,7 +111,7 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
             kib <= 20,
         )
     biggest = max(r["idle_streams"], key=lambda row: row["streams"])
-    opened = min(biggest["service"]["streams"], biggest["service_new"]["streams"])
+    opened = min(biggest[name]["streams"] for name, _ in IDLE_ROWS if name.startswith("service"))
     check("10,000 idle streams on one process", f"{opened} streams open", opened >= 10_000)
     redis = r["redis"]
     rr = ratio(redis["one_replica"]["events_per_s"], redis["sqlite_same_streams"]["events_per_s"])
@@ -157,6 +179,22 @@ def markdown(r: dict[str, Any], found: list[dict[str, Any]]) -> str:
             f"| {row['streams']} | ratio | | | "
             f"{ratio(row['service']['events_per_s'], row['bare']['events_per_s']):.0%} | | |"
         )
+    lib = r["webhook_to_stream_grpclib"]
+    lines += [
+        "",
+        f"At {lib['streams']} streams again, with the service on grpclib "
+        "(`GRPC_SERVER=grpclib`), taking turns with the same bare server:",
+        "",
+        "| streams | | p50 ms | p99 ms | events/s | server CPU µs/event | server RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {lib['streams']} | {label} | {f['p50_ms']} | {f['p99_ms']} | "
+            f"{f['events_per_s']} | {f['server_cpu_us_per_event']} | {f['server_rss_mib']} |"
+            for label, f in (("service on grpclib", lib["service"]), ("bare", lib["bare"]))
+        ),
+        f"| {lib['streams']} | ratio | | | "
+        f"{ratio(lib['service']['events_per_s'], lib['bare']['events_per_s']):.0%} | | |",
+    ]
     ingest = r["ingest"]
     send = r["send_message"]
     lines += [
@@ -214,7 +252,9 @@ def markdown(r: dict[str, Any], found: list[dict[str, Any]]) -> str:
         "service and the bare server have served the sections before, and their allocators "
         "reuse what they kept from them first. A new service process for each count has "
         "nothing to reuse: what a replica pays when the streams come to it after a rollout; "
-        "the target is judged on it. The floor is a grpc.aio server that keeps nothing of "
+        "the target is judged on it, for each gRPC server the service offers "
+        "(`GRPC_SERVER`: grpc.aio, the default, and grpclib). The floor is a grpc.aio "
+        "server that keeps nothing of "
         "its own for a stream (bench/grpc_floor.py), a new process for each count too: what "
         "an idle stream costs gRPC alone.",
         "",

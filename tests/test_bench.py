@@ -53,7 +53,7 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
     _audit_logs(
         "bench",
         REPO / "build" / "bench-quick" / "logs",
-        {"standin", "bare", "floor-100", "service-sqlite", "service-redis-a"},
+        {"standin", "bare", "floor-100", "service-sqlite", "service-grpclib", "service-redis-a"},
     )
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["quick"] is True
@@ -70,6 +70,14 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
             # The sustained rate took turns with its baseline, round by round.
             assert f["rate_rounds"] == results["sizes"]["rounds"] == 2
     assert [r["streams"] for r in results["webhook_to_stream"]] == [1, 10]
+    lib = results["webhook_to_stream_grpclib"]
+    assert lib["streams"] == 10
+    for name in ("service", "bare"):
+        f = lib[name]
+        assert f["rate_statuses"] == {"200": f["rate_posted"]}, (name, f)
+        assert f["rate_delivered"] == f["rate_posted"], (name, f)
+        assert f["latency_messages"] == f["latency_posted"], (name, f)
+        assert f["stream_errors"] == 0
     for name in ("service", "bare"):
         ingest = results["ingest"][name]
         assert ingest["statuses"] == {"200": ingest["requests"]}, ingest
@@ -91,7 +99,7 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
         assert results["send_message"][name]["sequential_calls"] == 30
     for row in results["idle_streams"]:
         # Counted by the clients: the streams still open once each had its first item.
-        for name in ("service", "service_new", "bare", "floor"):
+        for name in ("service", "service_new", "service_new_grpclib", "bare", "floor"):
             assert row[name]["streams"] == 100, row
             assert row[name]["errors"] == [], row
     redis = results["redis"]
@@ -104,7 +112,7 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
 
     # Every target of the issue is judged, and the outputs exist.
     whats = [t["what"] for t in results["targets"]]
-    assert len(whats) == 11, whats
+    assert len(whats) == 14, whats
     table = (tmp_path / "results.md").read_text()
     assert "--quick smoke run" in table
     assert all(what in table for what in whats)
