@@ -82,11 +82,10 @@ typecheck: $(STUBS)
 unit: $(STUBS) redis stub-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# What the contract's callers see over the wire, from connection to status codes: every
-# test of these files that does not depend on the store, with the service on grpclib.
+# What the contract's callers see over the wire, from connection to status codes, with
+# the service on grpclib: every test of these files that does not depend on the store.
 GRPCLIB_TESTS := tests/test_rpc.py tests/test_drain.py tests/test_health.py \
-	tests/test_streams.py tests/test_resume.py tests/test_client_stubs.py \
-	tests/test_node_example.py tests/reliability/test_auth.py \
+	tests/test_resume.py tests/reliability/test_auth.py \
 	tests/reliability/test_fuzz_findings.py tests/reliability/test_slow_consumer.py \
 	tests/reliability/test_reconnect_burst.py tests/reliability/test_webhook_faults.py
 unit-grpclib: $(STUBS) redis stub-tools

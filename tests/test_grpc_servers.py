@@ -6,6 +6,7 @@ contract runs on both through `make test`'s second pass."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -106,7 +107,7 @@ class RawClient:
 
 
 async def test_a_client_pinging_too_often_is_sent_goaway_too_many_pings(
-    server_harness: Harness,
+    server_harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = RawClient(server_harness.running.grpc_port)
     try:
@@ -124,3 +125,5 @@ async def test_a_client_pinging_too_often_is_sent_goaway_too_many_pings(
     ]
     acks = [e for e in events if isinstance(e, h2.events.PingAckReceived)]
     assert 1 <= len(acks) < 10
+    # The server closed the connection cleanly: nothing went wrong on its side.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
