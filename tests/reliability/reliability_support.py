@@ -11,6 +11,7 @@ import ctypes
 import gc
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -35,8 +36,13 @@ def record_figures(
     figures: dict[str, object],
 ) -> Path:
     """Adds ``figures`` to the test's report properties and writes them, as one JSON line,
-    to ``build/reliability/<test name>.json`` for the docs generator."""
+    to ``build/reliability/<test name>.json`` for the docs generator (``<test name>-grpclib``
+    with the service on grpclib)."""
     name = request.node.name
+    server = os.environ.get("GRPC_SERVER", "grpcio")
+    if server != "grpcio":  # make test's second pass: its figures beside the first's
+        name += f"-{server}"
+    figures = {**figures, "grpc_server": server}
     for key, value in figures.items():
         record_property(key, value)
     FIGURES_DIR.mkdir(parents=True, exist_ok=True)
