@@ -1,7 +1,8 @@
-"""What each of the two gRPC servers (GRPC_SERVER=grpcio and grpclib) must do alike at the
+"""What each of the two gRPC servers (GRPC_SERVER=grpcio and grpclib) must do at the
 connection level, where grpclib needed the service's own code: many streams on one
-connection, a bound on a request's size and a limit on a client's pings. The rest of the
-contract runs on both through `make test`'s second pass."""
+connection, a bound on a request's size and a limit on a client's pings, alike; and the one
+difference, compressed requests. The rest of the contract runs on both through `make test`'s
+second pass (unit-grpclib)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 from support import Harness, close_harness, make_config, open_harness
 
 from service.rpc.generated.handoff.v1 import handoff_pb2 as pb
+from service.rpc.generated.handoff.v1 import handoff_pb2_grpc as pb_grpc
 from service.rpc.server import MAX_REQUEST_BYTES
 
 
@@ -127,3 +129,24 @@ async def test_a_client_pinging_too_often_is_sent_goaway_too_many_pings(
     assert 1 <= len(acks) < 10
     # The server closed the connection cleanly: nothing went wrong on its side.
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_compressed_request_is_served_on_grpc_aio_and_refused_on_grpclib(
+    server_harness: Harness,
+) -> None:
+    h = server_harness
+    target = h.running.grpc_target
+    async with grpc.aio.insecure_channel(target, compression=grpc.Compression.Gzip) as channel:
+        stub = pb_grpc.HandoffServiceStub(channel)
+        # Large enough that gRPC's client compresses it (a small GetHandoff it sent as it was).
+        request = pb.StartHandoffRequest(conversation_id="conv-gzip-2", description="x" * 10_000)
+        if h.running.config.grpc_server == "grpcio":
+            answer = await stub.StartHandoff(request)
+            assert answer.created
+            return
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.StartHandoff(request)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert refused.value.details() == (
+        "compressed requests are not accepted: send them uncompressed"
+    )
