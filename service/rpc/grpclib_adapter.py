@@ -1,9 +1,11 @@
 """Serves grpc.aio-style servicers on grpclib, so that both gRPC servers run the same code.
 
 The servicers here (HandoffServicer, grpc's health servicer, grpc's reflection servicer) are
-written for grpc.aio: a method takes the request and a context, and returns the response or
-yields the responses. ``servicer_handlers`` turns one of them into grpclib's handlers, and
-``_Context`` is the part of grpc.aio's context those servicers use. Every handler here also:
+written for grpc.aio: a method takes the request and a context, and returns the response,
+writes the responses through the context (health's Watch) or yields them (reflection).
+``servicer_handlers`` turns one of them into grpclib's handlers, and ``_Context`` is the part
+of grpc.aio's context those servicers use; StreamAgentReplies has a handler of its own
+(``grpclib_server``). Every handler here also:
 
 - reads each request itself, refusing one over ``max_request_bytes`` before reading it
   (grpclib would read any size) and answering one that does not parse with INVALID_ARGUMENT;
@@ -178,15 +180,9 @@ def _handle(
         return unary
 
     if cardinality is Cardinality.UNARY_STREAM and inspect.isasyncgenfunction(behaviour):
-
-        async def server_stream(stream: Stream[Any, Any]) -> None:
-            with ends_on_stop:
-                # The request goes straight to the servicer, which holds it: not here too.
-                async for item in behaviour(await one_request(stream), _Context(stream)):
-                    await stream.send_message(item)
-                    del item  # not held while the stream waits for its next item
-
-        return server_stream
+        # StreamAgentReplies has a handler of its own (grpclib_server), with one frame fewer
+        # an idle stream than a generator driven from here.
+        raise ValueError(f"{method}: a server stream that yields needs a handler of its own")
 
     if cardinality is Cardinality.UNARY_STREAM:  # writes through the context (health Watch)
 
@@ -223,11 +219,16 @@ def servicer_handlers(
     tokens: TokenSet | None,
     max_request_bytes: int,
     ends_on_stop: EndsOnStop,
+    own: dict[str, Handler] | None = None,
 ) -> dict[str, Handler]:
-    """grpclib's handlers for every method of ``service`` that ``servicer`` implements."""
+    """grpclib's handlers for every method of ``service`` that ``servicer`` implements;
+    ``own``: the handlers of those methods (by path) that are not served through it."""
     handlers: dict[str, Handler] = {}
     for method in service.methods:
         name = f"/{service.full_name}/{method.name}"
+        if own is not None and name in own:
+            handlers[name] = own[name]
+            continue
         cardinality = _CARDINALITY[method.client_streaming, method.server_streaming]
         request_type = GetMessageClass(method.input_type)
         handle = _handle(

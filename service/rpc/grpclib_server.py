@@ -279,7 +279,6 @@ class GrpclibServer:
 
 
 STREAM_AGENT_REPLIES = f"/{HANDOFF_SERVICE}/StreamAgentReplies"
-REPLIES_REQUEST = pb.StreamAgentRepliesRequest
 
 
 def _stream_agent_replies(
@@ -345,30 +344,21 @@ async def create_grpclib_server(
     reflecting = reflection.aio.ReflectionServicer(
         (HANDOFF_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
     )
-    handlers = {
-        **servicer_handlers(
-            servicer,
-            pb.DESCRIPTOR.services_by_name["HandoffService"],
+    own = {STREAM_AGENT_REPLIES: _stream_agent_replies(manager, tokens, ends_on_stop)}
+    handlers: dict[str, Handler] = {}
+    for served, descriptor in (
+        (servicer, pb.DESCRIPTOR.services_by_name["HandoffService"]),
+        (health.servicer, health_pb2.DESCRIPTOR.services_by_name["Health"]),
+        (reflecting, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]),
+    ):
+        handlers |= servicer_handlers(
+            served,
+            descriptor,
             tokens=tokens,
             max_request_bytes=MAX_REQUEST_BYTES,
             ends_on_stop=ends_on_stop,
-        ),
-        **servicer_handlers(
-            health.servicer,
-            health_pb2.DESCRIPTOR.services_by_name["Health"],
-            tokens=tokens,
-            max_request_bytes=MAX_REQUEST_BYTES,
-            ends_on_stop=ends_on_stop,
-        ),
-        **servicer_handlers(
-            reflecting,
-            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
-            tokens=tokens,
-            max_request_bytes=MAX_REQUEST_BYTES,
-            ends_on_stop=ends_on_stop,
-        ),
-    }
-    handlers[STREAM_AGENT_REPLIES] = _stream_agent_replies(manager, tokens, ends_on_stop)
+            own=own,
+        )
     server = _Server([Mapping(handlers)], _Limits(max_connection_age_s, max_connection_age_grace_s))
     await server.start(
         host,
